@@ -1,0 +1,45 @@
+# The README's commands. `make test` and `make demo` set up a fresh machine by themselves: a virtual
+# environment with torch (the CUDA build, from this machine's local disk), the extension built in place with its
+# CUDA kernels when a toolkit is present, then the job.
+#
+#   make test        build everything (Python extension + C++ tests via CMake) and run all tests
+#   make build       (re)build the extension in place; incremental
+#   make cpp         build and run the C++ tests with CMake against the same torch
+#   make bench       the first measurement: LoRS vs LoRA vs SQFT on one layer (benchmarks/)
+#
+# Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_VERSION, SPARSE_ADAPT_CUDA=auto|0|1,
+# MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.14.1
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+export SPARSE_ADAPT_CUDA ?= auto
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+STAMP := $(VENV)/.sparse_adapt-env
+
+.PHONY: test build cpp bench clean
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) -r requirements-dev.txt
+	# Editable install of the Python package only; `build` compiles the extension in place, incrementally.
+	SPARSE_ADAPT_NATIVE=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+cpp: $(STAMP)
+	PYTHON=$(PY) scripts/cmake-build.sh build/cmake
+
+test: build cpp
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) benchmarks/python/first_measurement.py
+
+clean:
+	rm -rf build sparse_adapt/_C*.so *.egg-info

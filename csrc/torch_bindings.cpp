@@ -1,0 +1,30 @@
+// The one schema block of the sparse_adapt library. Backends register kernels in cpu/ and cuda/; fakes and
+// autograd are registered from Python (sparse_adapt/ops.py).
+
+#include "ops.h"
+
+#include <ATen/core/enum_tag.h>
+
+TORCH_LIBRARY(sparse_adapt, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  // weight + scale * (lora_B @ lora_A) ⊙ M, in one pass over weight; M = mask or weight != 0.
+  m.def("masked_merge(Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? mask=None) -> Tensor", tags);
+  // The same, in place: merge, or unmerge with -scale. Never turns a zero of M into a non-zero.
+  m.def(
+      "masked_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? mask=None) -> ()", tags);
+  // (grad_lora_A, grad_lora_B) of masked_merge; output_mask = which of the two to compute.
+  m.def(
+      "masked_merge_backward(Tensor grad, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? mask, "
+      "bool[2] output_mask) -> (Tensor, Tensor)",
+      tags);
+  // x @ masked_merge(...)ᵀ + bias, saving only its inputs for backward (LoRS).
+  m.def(
+      "masked_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+      "Tensor? mask=None, bool exact_grad=False) -> Tensor",
+      tags);
+  // (grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B); those not in output_mask come back with shape (0,).
+  m.def(
+      "masked_lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scale, Tensor? mask, bool exact_grad, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
+}

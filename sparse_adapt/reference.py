@@ -1,0 +1,49 @@
+"""Pure-PyTorch references of every native op: the definitions the kernels are tested against.
+
+They are written for clarity, not speed: each builds the ``(out, in)`` temporaries the kernels avoid.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def keep_mask(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """M: the explicit mask, else the weight's own non-zeros."""
+    return weight != 0 if mask is None else mask
+
+
+def masked_merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor] = None) -> Tensor:
+    """``weight + scale * (lora_B @ lora_A) ⊙ M``; differentiable, with the exact gradients."""
+    return weight + scale * (lora_B @ lora_A) * keep_mask(weight, mask)
+
+
+def _straight_through(t: Tensor) -> Tensor:
+    """Zero in value, ``t``'s gradient in backward."""
+    return t - t.detach()
+
+
+def masked_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    mask: Optional[Tensor] = None,
+    exact_grad: bool = False,
+) -> Tensor:
+    """``x @ mergedᵀ + bias``.
+
+    With ``exact_grad=True`` autograd gives the exact gradients of the masked merge. With ``exact_grad=False``
+    the adapter gradients are LoRS's straight-through estimate, which equals plain LoRA's adapter gradient
+    (the mask is ignored in backward): ``gA = s·(gy B)ᵀ x``, ``gB = s·gyᵀ (x Aᵀ)``. ``x``, ``weight`` and
+    ``bias`` get their true gradients either way.
+    """
+    if exact_grad:
+        return F.linear(x, masked_merge(weight, lora_A, lora_B, scale, mask), bias)
+    delta = (scale * (lora_B @ lora_A) * keep_mask(weight, mask)).detach()
+    lora = scale * F.linear(F.linear(x.detach(), lora_A), lora_B)
+    return F.linear(x, weight + delta, bias) + _straight_through(lora)

@@ -1,0 +1,110 @@
+"""Every bad input of SPEC's list raises a clear error naming the argument -- eagerly and under fake tensors
+(what torch.compile traces with) -- and nothing crashes."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import sparse_adapt as sa
+
+# name -> (function that corrupts a valid argument dict in place, text the error must contain)
+CORRUPTIONS = {
+    "weight_1d": (lambda a: a.update(weight=a["weight"][0]), "weight must be 2-D"),
+    "weight_3d": (lambda a: a.update(weight=a["weight"][None]), "weight must be 2-D"),
+    "weight_empty": (lambda a: a.update(weight=a["weight"][:0], lora_B=a["lora_B"][:0]), "weight is empty"),
+    "weight_int": (lambda a: a.update(weight=a["weight"].long()), "weight must be float32"),
+    "lora_A_in": (lambda a: a.update(lora_A=torch.cat([a["lora_A"], a["lora_A"][:, :1]], 1)), "lora_A must have shape"),
+    "lora_A_1d": (lambda a: a.update(lora_A=a["lora_A"][0]), "lora_A must be 2-D"),
+    "lora_B_out": (lambda a: a.update(lora_B=torch.cat([a["lora_B"], a["lora_B"][:1]], 0)), "lora_B must have shape"),
+    "lora_B_rank": (lambda a: a.update(lora_B=torch.cat([a["lora_B"], a["lora_B"][:, :1]], 1)), "lora_B must have shape"),
+    "rank_0": (lambda a: a.update(lora_A=a["lora_A"][:0], lora_B=a["lora_B"][:, :0]), "rank"),
+    "lora_A_dtype": (lambda a: a.update(lora_A=a["lora_A"].double()), "lora_A has dtype"),
+    "lora_B_dtype": (lambda a: a.update(lora_B=a["lora_B"].half()), "lora_B has dtype"),
+    "mask_dtype": (lambda a: a.update(mask=(a["weight"] != 0).float()), "mask must be a bool tensor"),
+    "mask_shape": (lambda a: a.update(mask=(a["weight"] != 0)[:, 1:]), "mask must have weight's shape"),
+    "scale_nan": (lambda a: a.update(scale=math.nan), "scale must be finite"),
+    "scale_inf": (lambda a: a.update(scale=-math.inf), "scale must be finite"),
+}
+LINEAR_CORRUPTIONS = {
+    "x_in": (lambda a: a.update(x=torch.cat([a["x"], a["x"][..., :1]], -1)), "x must have shape"),
+    "x_0d": (lambda a: a.update(x=a["x"].sum()), "x must have shape"),
+    "x_dtype": (lambda a: a.update(x=a["x"].double()), "x has dtype"),
+    "bias_shape": (lambda a: a.update(bias=a["bias"][1:]), "bias must have shape"),
+    "bias_dtype": (lambda a: a.update(bias=a["bias"].bfloat16()), "bias has dtype"),
+}
+
+
+def valid_args(op, out, in_, r, lead):
+    g = torch.Generator().manual_seed(out * 100 + in_)
+    w = torch.randn(out, in_, generator=g)
+    args = dict(weight=w, lora_A=torch.randn(r, in_, generator=g), lora_B=torch.randn(out, r, generator=g),
+                scale=0.5, mask=None)
+    if op == "masked_lora_linear":
+        args.update(x=torch.randn(*lead, in_, generator=g), bias=torch.randn(out, generator=g))
+    return args
+
+
+def call(op, a):
+    if op == "masked_lora_linear":
+        return sa.masked_lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["scale"], a["mask"])
+    fn = sa.masked_merge if op == "masked_merge" else sa.masked_merge_
+    return fn(a["weight"], a["lora_A"], a["lora_B"], a["scale"], a["mask"])
+
+
+OPS = ["masked_merge", "masked_merge_", "masked_lora_linear"]
+CASES = [(op, c) for op in OPS for c in CORRUPTIONS] + [("masked_lora_linear", c) for c in LINEAR_CORRUPTIONS]
+
+
+@pytest.mark.parametrize("op,name", CASES)
+@settings(max_examples=8)
+@given(out=st.integers(2, 9), in_=st.integers(2, 9), r=st.integers(1, 4), lead=st.lists(st.integers(1, 3), max_size=2))
+def test_bad_input_raises_naming_the_argument(op, name, out, in_, r, lead):
+    corrupt, expected = {**CORRUPTIONS, **LINEAR_CORRUPTIONS}[name]
+    args = valid_args(op, out, in_, r, lead)
+    call(op, dict(args))  # the valid arguments pass
+    corrupt(args)
+    with pytest.raises((RuntimeError, ValueError), match=expected) as info:
+        call(op, args)
+    assert f"sparse_adapt.{op}" in str(info.value)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises((RuntimeError, ValueError), match=expected):
+            call(op, fake)
+
+
+def test_scale_nan_is_a_value_error():
+    a = valid_args("masked_merge", 3, 4, 2, [])
+    a["scale"] = math.nan
+    with pytest.raises(ValueError, match="scale must be finite"):
+        call("masked_merge", a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("moved", ["lora_A", "lora_B", "mask", "x", "bias"])
+def test_mixed_devices(moved):
+    a = valid_args("masked_lora_linear", 8, 6, 2, [3])
+    a["mask"] = a["weight"] != 0
+    a = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    a[moved] = a[moved].cpu()
+    with pytest.raises(RuntimeError, match=f"{moved} is on"):
+        call("masked_lora_linear", a)
+
+
+def test_mixed_devices_under_fake_tensors():
+    a = valid_args("masked_merge", 4, 5, 2, [])
+    a["lora_A"] = a["lora_A"].to("meta")
+    with pytest.raises(RuntimeError, match="lora_A is on meta but weight is on cpu"):
+        call("masked_merge", a)
+
+
+def test_backward_op_checks_grad_shape():
+    a = valid_args("masked_lora_linear", 4, 5, 2, [3])
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        torch.ops.sparse_adapt.masked_lora_linear_backward(
+            torch.zeros(3, 5), a["x"], a["weight"], a["lora_A"], a["lora_B"], 1.0, None, False, [True] * 5)
+    with pytest.raises(RuntimeError, match="grad must have weight's shape"):
+        torch.ops.sparse_adapt.masked_merge_backward(
+            torch.zeros(5, 4), a["weight"], a["lora_A"], a["lora_B"], 1.0, None, [True, True])
