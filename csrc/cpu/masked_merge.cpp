@@ -19,16 +19,27 @@ constexpr int64_t kColTile = 256;
 // Elements per parallel task, as ATen's own elementwise kernels use (at::internal::GRAIN_SIZE).
 constexpr int64_t kGrainElements = 32768;
 
-template <typename scalar_t>
-void masked_merge_rows(
+// Compiled for AVX-512, AVX2 and the baseline, picked at load time: the extension is built without -march,
+// and this loop is where the CPU path spends its time.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SA_CPU_CLONES
+#endif
+
+// kHasMask is a template argument so that, without a mask, the null mask pointer is a constant and the
+// epilogue compiles to a branch-free, vectorized select.
+template <typename scalar_t, bool kHasMask>
+SA_CPU_CLONES void masked_merge_rows(
     const scalar_t* weight,                    // (out, in)
     const at::opmath_type<scalar_t>* lora_A,  // (r, in)
     const at::opmath_type<scalar_t>* lora_B,  // (out, r)
-    const bool* mask,                          // (out, in) or nullptr: M = weight != 0
+    const bool* mask,                          // (out, in); ignored unless kHasMask (then M = weight != 0)
     at::opmath_type<scalar_t> scale,
     scalar_t* out,  // (out, in), may alias weight
     int64_t in, int64_t r, int64_t row_begin, int64_t row_end) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool* m = kHasMask ? mask : nullptr;
   acc_t acc[kColTile];
   for (int64_t c0 = 0; c0 < in; c0 += kColTile) {
     const int64_t n = std::min(kColTile, in - c0);
@@ -44,7 +55,7 @@ void masked_merge_rows(
       }
       const int64_t base = row * in + c0;
       for (int64_t j = 0; j < n; ++j) {
-        out[base + j] = kernels::merged_value(weight[base + j], acc[j], scale, mask, base + j);
+        out[base + j] = kernels::merged_value(weight[base + j], acc[j], scale, m, base + j);
       }
     }
   }
@@ -64,8 +75,13 @@ void masked_merge_launch_cpu(
     const acc_t* a = lora_A_acc.const_data_ptr<acc_t>();
     const acc_t* b = lora_B_acc.const_data_ptr<acc_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto s = static_cast<acc_t>(scale);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      masked_merge_rows<scalar_t>(w, a, b, mask_ptr, static_cast<acc_t>(scale), o, in, r, begin, end);
+      if (mask_ptr != nullptr) {
+        masked_merge_rows<scalar_t, true>(w, a, b, mask_ptr, s, o, in, r, begin, end);
+      } else {
+        masked_merge_rows<scalar_t, false>(w, a, b, nullptr, s, o, in, r, begin, end);
+      }
     });
   });
 }
