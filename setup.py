@@ -79,7 +79,7 @@ def _extensions():
         "cxx": opt + ["-DPy_LIMITED_API=0x030A0000", "-fdiagnostics-color=always"],
     }
     if with_cuda:
-        sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
         extra["cxx"].append("-DSPARSE_ADAPT_WITH_CUDA")
         # No --use_fast_math: it flushes denormals to zero, and a denormal weight must stay non-zero.
         extra["nvcc"] = nvcc_opt + ["-DSPARSE_ADAPT_WITH_CUDA"]

@@ -32,6 +32,24 @@ void masked_merge_launch_cuda(
     const at::Tensor& mask, const at::Tensor& out);
 #endif
 
+// ema_topk_ over `slices` slices of n entries each; entry i of slice j is at j * slice_stride + i * elem_stride
+// of param, grad and score (all contiguous, same shape). Scores are float32.
+struct SliceLayout {
+  int64_t slices, n, slice_stride, elem_stride;
+};
+using EmaTopkLauncher = void (*)(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+    SliceLayout layout);
+
+void ema_topk_launch_cpu(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+    SliceLayout layout);
+#ifdef SPARSE_ADAPT_WITH_CUDA
+void ema_topk_launch_cuda(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+    SliceLayout layout);
+#endif
+
 // ---- masked_merge / masked_merge_ (ops/masked_merge.cpp), bound to a backend's launcher ----------------------
 at::Tensor masked_merge(
     MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -39,6 +57,11 @@ at::Tensor masked_merge(
 void masked_merge_(
     MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scale, const std::optional<at::Tensor>& mask);
+
+// ---- ema_topk_ (ops/ema_topk.cpp), bound to a backend's launcher ------------------------------------------------
+void ema_topk_(
+    EmaTopkLauncher launch, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta,
+    int64_t k, int64_t dim);
 
 // ---- device-generic ops: the merge through the dispatcher, GEMMs through ATen ---------------------------------
 // (grad_A, grad_B) of merged w.r.t. lora_A, lora_B given grad (out, in) of merged; output_mask = (A, B).
@@ -60,8 +83,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_lo
 // Registers the device-generic ops above for the backend whose TORCH_LIBRARY_IMPL block calls it.
 void register_device_generic_ops(torch::Library& m);
 
-// Everything a backend registers: the merge ops bound to its launcher, and the device-generic ops.
-template <MergeLauncher launch>
+// Everything a backend registers: the kernel ops bound to its launchers, and the device-generic ops.
+template <MergeLauncher launch, EmaTopkLauncher launch_ema_topk>
 void register_backend_ops(torch::Library& m) {
   m.impl(
       "masked_merge",
@@ -71,6 +94,10 @@ void register_backend_ops(torch::Library& m) {
       "masked_merge_",
       +[](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
           const std::optional<at::Tensor>& mask) { masked_merge_(launch, weight, lora_A, lora_B, scale, mask); });
+  m.impl(
+      "ema_topk_",
+      +[](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+          int64_t dim) { ema_topk_(launch_ema_topk, param, grad, score, beta, k, dim); });
   register_device_generic_ops(m);
 }
 

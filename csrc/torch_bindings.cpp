@@ -22,6 +22,10 @@ TORCH_LIBRARY(sparse_adapt, m) {
       "masked_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
       "Tensor? mask=None, bool exact_grad=False) -> Tensor",
       tags);
+  // score ← beta·score + (1−beta)·|param ⊙ grad|; then every slice of param along dim keeps its k entries of
+  // largest score (ties: lower index) and the rest are zeroed. RoseLoRA: dim=1 on lora_A, dim=0 on lora_B.
+  m.def(
+      "ema_topk_(Tensor(a!) param, Tensor grad, Tensor(b!) score, float beta, int k, int dim) -> ()", tags);
   // (grad_x, grad_weight, grad_bias, grad_lora_A, grad_lora_B); those not in output_mask come back with shape (0,).
   m.def(
       "masked_lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "

@@ -193,3 +193,34 @@ def _masked_lora_linear_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "sparse_adapt::masked_lora_linear", _masked_lora_linear_backward, setup_context=_masked_lora_linear_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------- ema_topk_
+
+
+def ema_topk_(param: Tensor, grad: Tensor, score: Tensor, beta: float, k: int, dim: int) -> None:
+    """RoseLoRA's sensitivity-based pruning step, in place, in one fused pass per matrix.
+
+    ``score ← beta·score + (1−beta)·|param ⊙ grad|`` (score is float32, param's shape); then along ``dim`` every
+    slice of ``param`` keeps its ``k`` entries of largest score and the rest are set to 0. Ties go to the lower
+    index (a NaN score ranks lowest), so CPU and CUDA pick the same entries. ``dim=1`` on ``lora_A (r, in)``
+    prunes each row, ``dim=0`` on ``lora_B (out, r)`` each column. Not differentiable: it runs under no_grad.
+    """
+    with torch.no_grad():
+        _ops.ema_topk_.default(param, grad, score, float(beta), int(k), int(dim))
+
+
+@torch.library.register_fake("sparse_adapt::ema_topk_")
+def _ema_topk_fake(param, grad, score, beta, k, dim):
+    op = "ema_topk_"
+    _check(op, param.dtype in _FLOATING, f"param must be float32, float64, float16 or bfloat16, got {param.dtype}")
+    _check(op, param.dim() == 2, f"param must be 2-D, got shape {tuple(param.shape)}")
+    _check(op, grad.shape == param.shape, f"grad must have param's shape {tuple(param.shape)}")
+    _check_like(op, "grad", grad, param)
+    _check(op, score.dtype == torch.float32, f"score must be float32, got {score.dtype}")
+    _check(op, score.shape == param.shape, f"score must have param's shape {tuple(param.shape)}")
+    _check(op, score.device == param.device, f"score is on {score.device} but param is on {param.device}")
+    _check(op, -2 <= dim <= 1, f"dim must be 0 (per column) or 1 (per row) of the 2-D param, got {dim}")
+    _check(op, 0.0 <= beta <= 1.0, f"beta must be in [0, 1], got {beta}")
+    n = param.shape[dim]
+    _check(op, 0 <= k <= n, f"k must be in [0, {n}], got {k}")

@@ -47,3 +47,20 @@ def masked_lora_linear(
     delta = (scale * (lora_B @ lora_A) * keep_mask(weight, mask)).detach()
     lora = scale * F.linear(F.linear(x.detach(), lora_A), lora_B)
     return F.linear(x, weight + delta, bias) + _straight_through(lora)
+
+
+def topk_keep_mask(score: Tensor, k: int, dim: int) -> Tensor:
+    """Bool mask of the k largest scores of every slice along dim; ties go to the lower index, NaN ranks lowest."""
+    ranked = torch.nan_to_num(score.float(), nan=-float("inf"))
+    order = torch.sort(ranked, dim=dim, descending=True, stable=True).indices
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    return keep.scatter_(dim, order.narrow(dim, 0, k), True)
+
+
+def ema_topk_(param: Tensor, grad: Tensor, score: Tensor, beta: float, k: int, dim: int) -> None:
+    """In place: ``score ← β·score + (1−β)·|param ⊙ grad|``, then keep the top-k of each slice of param along dim."""
+    with torch.no_grad():
+        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        sensitivity = (param.to(acc) * grad.to(acc)).abs().float()
+        score.copy_(beta * score + (1 - beta) * sensitivity)
+        param.masked_fill_(~topk_keep_mask(score, k, dim), 0)

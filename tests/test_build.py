@@ -7,7 +7,7 @@ import torch
 
 import sparse_adapt as sa
 
-OPS = ["masked_merge", "masked_merge_", "masked_merge_backward", "masked_lora_linear", "masked_lora_linear_backward"]
+OPS = ["ema_topk_", "masked_merge", "masked_merge_", "masked_merge_backward", "masked_lora_linear", "masked_lora_linear_backward"]
 
 
 @pytest.mark.parametrize("op", OPS)

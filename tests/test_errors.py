@@ -108,3 +108,48 @@ def test_backward_op_checks_grad_shape():
     with pytest.raises(RuntimeError, match="grad must have weight's shape"):
         torch.ops.sparse_adapt.masked_merge_backward(
             torch.zeros(5, 4), a["weight"], a["lora_A"], a["lora_B"], 1.0, None, [True, True])
+
+
+EMA_CORRUPTIONS = {
+    "k_negative": (lambda a: a.update(k=-1), "k must be in"),
+    "k_too_large": (lambda a: a.update(k=a["param"].shape[a["dim"]] + 1), "k must be in"),
+    "beta_negative": (lambda a: a.update(beta=-0.1), "beta must be in"),
+    "beta_above_one": (lambda a: a.update(beta=1.5), "beta must be in"),
+    "beta_nan": (lambda a: a.update(beta=math.nan), "beta must be in"),
+    "dim": (lambda a: a.update(dim=2), "dim must be 0"),
+    "param_1d": (lambda a: a.update(param=a["param"][0], grad=a["grad"][0], score=a["score"][0]), "param must be 2-D"),
+    "param_int": (lambda a: a.update(param=a["param"].long(), grad=a["grad"].long()), "param must be float32"),
+    "grad_shape": (lambda a: a.update(grad=a["grad"][:, 1:]), "grad must have param's shape"),
+    "grad_dtype": (lambda a: a.update(grad=a["grad"].double()), "grad has dtype"),
+    "score_dtype": (lambda a: a.update(score=a["score"].bfloat16()), "score must be float32"),
+    "score_shape": (lambda a: a.update(score=a["score"][1:]), "score must have param's shape"),
+    "score_device": (lambda a: a.update(score=a["score"].to("meta")), "score is on"),
+}
+
+
+@pytest.mark.parametrize("name", EMA_CORRUPTIONS)
+@settings(max_examples=8)
+@given(rows=st.integers(2, 9), cols=st.integers(2, 9), dim=st.sampled_from([0, 1]))
+def test_ema_topk_bad_input(name, rows, cols, dim):
+    g = torch.Generator().manual_seed(rows * 10 + cols)
+    args = dict(param=torch.randn(rows, cols, generator=g), grad=torch.randn(rows, cols, generator=g),
+                score=torch.zeros(rows, cols), beta=0.8, k=1, dim=dim)
+    corrupt, expected = EMA_CORRUPTIONS[name]
+    corrupt(args)
+    before = args["param"].clone()
+    with pytest.raises((RuntimeError, ValueError), match=expected):
+        sa.ema_topk_(**args)
+    if before.device.type != "meta":
+        assert torch.equal(args["param"], before), "a rejected call must not modify param"
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises((RuntimeError, ValueError), match=expected):
+            sa.ema_topk_(**fake)
+
+
+def test_ema_topk_k_and_beta_are_value_errors():
+    p = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="k must be in"):
+        sa.ema_topk_(p, p.clone(), torch.zeros(3, 4), 0.5, 5, 1)
+    with pytest.raises(ValueError, match="beta must be in"):
+        sa.ema_topk_(p, p.clone(), torch.zeros(3, 4), 2.0, 1, 1)

@@ -96,4 +96,40 @@ void check_linear_input(
   }
 }
 
+int64_t check_ema_topk_operands(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k, int64_t dim) {
+  constexpr const char* op = "ema_topk_";
+  check_floating(op, "param", param);
+  check_floating(op, "grad", grad);
+  TORCH_CHECK(param.dim() == 2, "sparse_adapt.", op, ": param must be 2-D, got shape ", shape_str(param));
+  TORCH_CHECK(param.numel() > 0, "sparse_adapt.", op, ": param is empty, shape ", shape_str(param));
+  TORCH_CHECK(
+      grad.sizes() == param.sizes(), "sparse_adapt.", op, ": grad must have param's shape ", shape_str(param),
+      ", got ", shape_str(grad));
+  check_like(op, "grad", grad, "param", param);
+  TORCH_CHECK(score.defined(), "sparse_adapt.", op, ": score is an undefined tensor");
+  TORCH_CHECK(
+      score.scalar_type() == at::kFloat, "sparse_adapt.", op, ": score must be float32 (it accumulates an EMA), got ",
+      score.scalar_type());
+  TORCH_CHECK(
+      score.sizes() == param.sizes(), "sparse_adapt.", op, ": score must have param's shape ", shape_str(param),
+      ", got ", shape_str(score));
+  TORCH_CHECK(
+      score.device() == param.device(), "sparse_adapt.", op, ": score is on ", score.device(), " but param is on ",
+      param.device());
+  TORCH_CHECK(
+      !score.is_same(param) && !score.is_same(grad), "sparse_adapt.", op, ": score must be its own tensor");
+  TORCH_CHECK_VALUE(
+      dim >= -2 && dim <= 1, "sparse_adapt.", op, ": dim must be 0 (per column) or 1 (per row) of the 2-D param, got ",
+      dim);
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "sparse_adapt.", op, ": beta must be in [0, 1], got ", beta);
+  const int64_t d = dim < 0 ? dim + 2 : dim;
+  const int64_t n = param.size(d);
+  TORCH_CHECK_VALUE(
+      k >= 0 && k <= n, "sparse_adapt.", op, ": k must be in [0, ", n, "] (the length of param ", shape_str(param),
+      " along dim ", dim, "), got ", k);
+  TORCH_CHECK(n <= 0xFFFFFFFFLL, "sparse_adapt.", op, ": slices longer than 2^32 entries are not supported");
+  return d;
+}
+
 }  // namespace sparse_adapt

@@ -33,4 +33,9 @@ void check_lora_operands(
 void check_linear_input(
     const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& weight);
 
+// param (n0, n1) floating, grad like param, score float32 of param's shape, beta in [0, 1], dim in {0, 1, -1, -2},
+// k in [0, n] with n = param.size(dim). Returns dim made non-negative.
+int64_t check_ema_topk_operands(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k, int64_t dim);
+
 }  // namespace sparse_adapt

@@ -1,4 +1,4 @@
-// CPU kernel of the masked merge, and the CPU registrations of every op.
+// CPU kernel of the masked merge.
 
 #include "kernels/masked_merge.h"
 #include "ops.h"
@@ -84,10 +84,6 @@ void masked_merge_launch_cpu(
       }
     });
   });
-}
-
-TORCH_LIBRARY_IMPL(sparse_adapt, CPU, m) {
-  register_backend_ops<masked_merge_launch_cpu>(m);
 }
 
 }  // namespace sparse_adapt

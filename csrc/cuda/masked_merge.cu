@@ -1,4 +1,4 @@
-// CUDA kernel of the masked merge, and the CUDA registrations of every op.
+// CUDA kernel of the masked merge.
 //
 // Each 256-thread block owns a 32 x 128 tile of weight. It stages the tile's slice of lora_B rows and lora_A
 // columns in shared memory (32 ranks at a time, in float), accumulates the 32 x 128 low-rank delta in
@@ -127,10 +127,6 @@ void masked_merge_launch_cuda(
         mask_ptr, static_cast<acc_t>(scale), out.mutable_data_ptr<scalar_t>(), rows, cols, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-TORCH_LIBRARY_IMPL(sparse_adapt, CUDA, m) {
-  register_backend_ops<masked_merge_launch_cuda>(m);
 }
 
 }  // namespace sparse_adapt

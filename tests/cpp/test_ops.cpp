@@ -59,6 +59,13 @@ const auto& linear_backward_op() {
   return op;
 }
 
+const auto& ema_topk_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparse_adapt::ema_topk_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();
+  return op;
+}
+
 at::Tensor reference_merge(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double s, const OptT& m) {
   return w + s * at::mm(b, a) * (m.has_value() ? *m : w.ne(0));
 }
@@ -104,6 +111,21 @@ void test_linear() {
   expect(std::get<0>(exact).numel() == 0 && std::get<1>(exact).numel() == 0, "unrequested gradients are empty");
 }
 
+void test_ema_topk() {
+  const at::Tensor p0 = at::randn({6, 50}), g = at::randn({6, 50}), s0 = at::rand({6, 50});
+  for (int64_t dim : {0, 1}) {
+    const int64_t k = dim == 1 ? 10 : 2;
+    at::Tensor p = p0.clone(), s = s0.clone();
+    ema_topk_op().call(p, g, s, 0.8, k, dim);
+    expect_close(s, 0.8 * s0 + 0.2 * (p0 * g).abs(), "ema_topk_ score update, dim " + std::to_string(dim));
+    // the kept entries are the k largest new scores of each slice (scores are distinct here)
+    const at::Tensor kth = std::get<0>(s.topk(k, dim)).narrow(dim, k - 1, 1);
+    const at::Tensor keep = s.ge(kth);
+    expect(at::equal(p, at::where(keep, p0, at::zeros_like(p0))) && at::equal(keep.sum(dim), at::full({p.size(1 - dim)}, k, at::kLong)),
+           "ema_topk_ keeps the top-k of each slice, dim " + std::to_string(dim));
+  }
+}
+
 void test_errors_name_the_argument() {
   const at::Tensor w = at::randn({8, 6}), a = at::randn({2, 5}), b = at::randn({8, 2});
   std::string message;
@@ -125,6 +147,7 @@ int main() {
   }
   test_merge(at::kFloat, 130, 257, 64);
   test_linear();
+  test_ema_topk();
   test_errors_name_the_argument();
   std::cout << (failures ? "FAILED: " : "all passed: ") << failures << " failure(s)\n";
   return failures ? 1 : 0;
