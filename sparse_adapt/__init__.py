@@ -2,12 +2,31 @@
 
 from . import ops, reference
 from ._native import has_cuda_kernels
+from .adapters import (METHODS, RoseLoraConfig, SparseLoraConfig, SparseLoraLinear, TrainableParameters,
+                       adapter_layers, export_peft, inject, load_adapter, merge, save_adapter, trainable_parameters,
+                       unload, unmerge)
 from .ops import ema_topk_, masked_lora_linear, masked_merge, masked_merge_
+from .training import gradient_svd_init_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "RoseLoraConfig",
+    "SparseLoraConfig",
+    "SparseLoraLinear",
+    "TrainableParameters",
+    "adapter_layers",
     "ema_topk_",
+    "export_peft",
+    "gradient_svd_init_",
+    "inject",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
     "has_cuda_kernels",
     "masked_lora_linear",
     "masked_merge",

@@ -1,0 +1,141 @@
+"""Model-level API: inject adapters into any nn.Module (Hugging Face models included), count, merge, unload."""
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import SparseLoraConfig
+from .layer import SparseLoraLinear
+
+
+def adapter_layers(model: nn.Module) -> Iterator[Tuple[str, SparseLoraLinear]]:
+    """(qualified name, layer) of every adapter in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLoraLinear):
+            yield name, module
+
+
+def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules) -> List[str]:
+    """Qualified names of the nn.Linear modules that target_modules selects (see SparseLoraConfig)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    if target_modules == "all-linear":
+        head = _output_embedding(model)
+        return [n for n, m in linears if m is not head]
+    return [n for n, _ in linears if _matches(n, target_modules)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject(model: nn.Module, config: SparseLoraConfig, calibration_batches=None, loss_fn=None) -> nn.Module:
+    """Replace the targeted nn.Linear modules with SparseLoraLinear adapters, freeze everything else, and
+    return the model (changed in place).
+
+    With ``config.init == "gradient_svd"``, ``calibration_batches`` (and optionally ``loss_fn(model, batch)``,
+    default ``model(**batch).loss``) are used to set each ``lora_A`` from its weight's gradient.
+    """
+    if any(True for _ in adapter_layers(model)):
+        raise ValueError("model already has sparse_adapt adapters; call sa.unload(model) or sa.merge(model) first")
+    targets = find_targets(model, config.target_modules)
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear in "
+                         f"{type(model).__name__}; some of its linear layers: {linear_names}")
+    if config.init == "gradient_svd" and calibration_batches is None:
+        raise ValueError("init='gradient_svd' needs calibration_batches: sa.inject(model, config, calibration_batches=...)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        _set_submodule(model, name, SparseLoraLinear(model.get_submodule(name), config))
+    if config.init == "gradient_svd":
+        from ..training.init import gradient_svd_init_
+
+        gradient_svd_init_(model, calibration_batches, loss_fn)
+    return model
+
+
+def adapter_config(model: nn.Module) -> SparseLoraConfig:
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no sparse_adapt adapters (use sa.inject first)")
+    return layers[0][1].config
+
+
+@torch.no_grad()
+def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Fold every adapter into its base weight. For sqft, sqft_gc, spp, spp_gc and lors the zeros of each merged
+    weight are exactly the base weight's. ``unload=True``: the adapters are replaced by their (now merged) plain
+    nn.Linear modules; ``unload=False``: they stay, merged, so that ``sa.unmerge`` can undo it."""
+    for name, layer in list(adapter_layers(model)):
+        if not layer.merged:
+            layer.merge()
+        if unload:
+            _set_submodule(model, name, layer.base_layer)
+    return model
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``sa.merge(model, unload=False)``."""
+    layers = [layer for _, layer in adapter_layers(model) if layer.merged]
+    if not layers:
+        raise ValueError("no merged adapters to unmerge (sa.merge(model) with unload=True cannot be undone)")
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging them: the base nn.Linear modules come back unchanged."""
+    for name, layer in list(adapter_layers(model)):
+        if layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    return model
+
+
+@dataclass
+class TrainableParameters:
+    trainable: int
+    total: int
+    effective: int  # non-zero adapter entries: what RoseLoRA reports as its parameter count
+    adapted_layers: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: "
+                f"{self.percent:.4f} || effective (non-zero) adapter params: {self.effective:,} || "
+                f"adapted layers: {self.adapted_layers}")
+
+
+@torch.no_grad()
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Counts; ``effective`` counts the non-zero entries of the adapters (RoseLoRA's "low-rank parameters ×
+    (1 − sparsity)"; for the other methods it equals the adapter size once B is non-zero)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    layers = [layer for _, layer in adapter_layers(model)]
+    effective = sum(int(torch.count_nonzero(layer.lora_A)) + int(torch.count_nonzero(layer.lora_B)) for layer in layers)
+    return TrainableParameters(trainable, total, effective, len(layers))
