@@ -1,17 +1,18 @@
 """sparse_adapt: sparse low-rank adaptation for PyTorch (LoRS, RoseLoRA and their baselines)."""
 
-from . import ops, reference
+from . import data, models, ops, prune, reference
 from ._native import has_cuda_kernels
 from .adapters import (METHODS, RoseLoraConfig, SparseLoraConfig, SparseLoraLinear, TrainableParameters,
                        adapter_layers, export_peft, inject, load_adapter, merge, save_adapter, trainable_parameters,
                        unload, unmerge)
 from .ops import ema_topk_, masked_lora_linear, masked_merge, masked_merge_
-from .training import gradient_svd_init_
+from .training import RoseLoraPruner, gradient_svd_init_, sparsity_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "RoseLoraPruner",
     "RoseLoraConfig",
     "SparseLoraConfig",
     "SparseLoraLinear",
@@ -24,6 +25,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
+    "sparsity_report",
     "trainable_parameters",
     "unload",
     "unmerge",
@@ -31,6 +33,9 @@ __all__ = [
     "masked_lora_linear",
     "masked_merge",
     "masked_merge_",
+    "data",
+    "models",
     "ops",
+    "prune",
     "reference",
 ]
