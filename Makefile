@@ -2,10 +2,13 @@
 # environment with torch (the CUDA build, from this machine's local disk), the extension built in place with its
 # CUDA kernels when a toolkit is present, then the job.
 #
+#   make demo        the main job: prune SmolLM2-135M (2:4 Wanda), recover it with LoRS and the baselines,
+#                    merge, verify the zeros; writes out/demo/report.md and perplexity.png (~20 min on 2 CPU cores)
+#   make demo-quick  the same in a few minutes (fewer steps, shorter sequences)
 #   make test        build everything (Python extension + C++ tests via CMake) and run all tests
 #   make build       (re)build the extension in place; incremental
 #   make cpp         build and run the C++ tests with CMake against the same torch
-#   make bench       the first measurement: LoRS vs LoRA vs SQFT on one layer (benchmarks/)
+#   make bench       the benchmarks: one layer per method, RoseLoRA on SmolLM2, gradient-SVD vs zeros init
 #
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_VERSION, SPARSE_ADAPT_CUDA=auto|0|1,
 # MAX_JOBS, TORCH_CUDA_ARCH_LIST.
@@ -20,7 +23,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.sparse_adapt-env
 
-.PHONY: test build cpp bench clean
+.PHONY: demo demo-quick test build cpp bench clean
 
 $(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +42,16 @@ cpp: $(STAMP)
 test: build cpp
 	$(PY) -m pytest -q
 
+demo: build
+	$(PY) -m sparse_adapt demo --compare --out out/demo
+
+demo-quick: build
+	$(PY) -m sparse_adapt demo --quick --compare --out out/demo-quick
+
 bench: build
 	$(PY) benchmarks/python/first_measurement.py
+	$(PY) benchmarks/python/roselora_smollm2.py
+	$(PY) benchmarks/python/init_comparison.py
 
 clean:
 	rm -rf build sparse_adapt/_C*.so *.egg-info

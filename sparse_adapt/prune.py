@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.model import find_targets
+from .progress import progress_bar
 
 Sparsity = Union[float, str]
 
@@ -70,22 +71,12 @@ class PruneReport:
                          [f"| {n} | {s:.4f} |" for n, s in self.sparsity.items()])
 
 
-def _progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
 @torch.no_grad()
 def _apply(model: nn.Module, names: List[str], score_fn: Callable[[str, nn.Linear], Tensor], sparsity: Sparsity,
            progress: bool) -> PruneReport:
     parse_sparsity(sparsity)
     achieved = {}
-    for name in _progress(names, "pruning", enabled=progress):
+    for name in progress_bar(names, "pruning", enabled=progress):
         layer = model.get_submodule(name)
         keep = keep_mask(score_fn(name, layer), sparsity)
         layer.weight.mul_(keep.to(layer.weight.device))
@@ -125,7 +116,7 @@ def wanda_(model: nn.Module, calibration_batches: Iterable, sparsity: Sparsity, 
         batches = list(calibration_batches)
         if not batches:
             raise ValueError("calibration_batches is empty")
-        for batch in _progress(batches, "wanda calibration", enabled=progress):
+        for batch in progress_bar(batches, "wanda calibration", enabled=progress):
             forward_fn(model, batch)
     finally:
         for h in handles:

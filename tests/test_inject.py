@@ -152,3 +152,11 @@ def test_gradient_svd_first_step_is_the_best_rank_r_step():
     U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
     best_rank_r = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
     torch.testing.assert_close(step_direction, best_rank_r, atol=1e-3 * S[0].item(), rtol=0)
+
+
+def test_rslora_scale():
+    assert sa.SparseLoraConfig(r=16, alpha=32).scale == 2.0
+    assert sa.SparseLoraConfig(r=16, alpha=32, use_rslora=True).scale == 8.0
+    model = ToyAttentionBlock()
+    sa.inject(model, sa.SparseLoraConfig(r=4, alpha=8, use_rslora=True, target_modules=["q_proj"]))
+    assert model.q_proj.scale == 4.0

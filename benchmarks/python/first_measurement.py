@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_adapt as sa
+from sparse_adapt.memory import SavedBytes
 
 CPU_SHAPES = [(2048, 2048), (4096, 1024)]      # (out, in)
 GPU_SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]  # Llama-3-8B MLP / attention
@@ -41,19 +42,10 @@ METHODS = {"lora": lora, "sqft": sqft, "lors": lors}
 
 
 def saved_activation_bytes(fn, x, w, a, b, s, mask):
-    """Bytes of distinct storages saved for backward, other than the layer's persistent tensors."""
-    persistent = {t.untyped_storage().data_ptr() for t in (w, a, b, mask)}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in persistent:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes saved for backward other than the layer's own weight, adapters and mask (its activations)."""
+    with SavedBytes([w, a, b, mask]) as saved:
         fn(x, w, a, b, s, mask)
-    return sum(seen.values())
+    return saved.total
 
 
 def sync(device):

@@ -48,7 +48,17 @@ def main():
     sa.inject(model, config)
     pruner = sa.RoseLoraPruner(model, total_steps=args.steps)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
-    train_texts, _ = data.wiki_split(args.steps * args.batch_size, 0, seed=1)
+    train_texts, eval_texts = data.wiki_split(args.steps * args.batch_size, 16, seed=1)
+    eval_batches = list(batches(tokenizer, eval_texts, args.batch_size, args.length))
+
+    @torch.no_grad()
+    def held_out_loss():
+        model.eval()
+        losses = [model(**{k: v.to(args.device) for k, v in b.items()}).loss.item() for b in eval_batches]
+        model.train()
+        return statistics.mean(losses)
+
+    loss_before = held_out_loss()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     losses, step_times, prune_times = [], [], []
@@ -71,6 +81,7 @@ def main():
         print(f"step {step:3d}  loss {loss.item():.3f}  kept {fraction:.3f}  step {t1 - t0:.2f}s  "
               f"prune {1e3 * (t2 - t1):.1f}ms", flush=True)
 
+    loss_after = held_out_loss()
     report = sa.sparsity_report(model)
     layers = list(sa.adapter_layers(model))
     at_target = sum(
@@ -89,7 +100,8 @@ def main():
 sparsity {args.sparsity} (t_init={t_init}, t_final={t_final}), AdamW lr {args.lr}, all 210 projections,
 device {args.device}, {args.threads} thread(s), torch {torch.__version__}.
 
-- loss: first 3 steps {statistics.mean(losses[:3]):.3f}, last 3 steps {statistics.mean(losses[-3:]):.3f}
+- held-out loss (16 other summaries): {loss_before:.3f} before, {loss_after:.3f} after; training loss: first 3
+  steps {statistics.mean(losses[:3]):.3f}, last 3 steps {statistics.mean(losses[-3:]):.3f}
 - layers whose every row of A holds exactly k={kept_count(1 - args.sparsity, 576)}..{kept_count(1 - args.sparsity, 1536)}
   non-zeros and every column of B at most its k: {at_target} / {len(layers)}
 - Proposition 1 bound holds on {bound_holds} / {len(report)} layers; s(B@A) over layers: min {delta.min():.4f},
