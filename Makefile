@@ -8,7 +8,9 @@
 #   make test        build everything (Python extension + C++ tests via CMake) and run all tests
 #   make build       (re)build the extension in place; incremental
 #   make cpp         build and run the C++ tests with CMake against the same torch
-#   make bench       the benchmarks: one layer per method, RoseLoRA on SmolLM2, gradient-SVD vs zeros init
+#   make bench       the benchmarks (BENCH_DEVICE=cpu|cuda): every method on one layer (C++) and on the whole
+#                    model (Python, eager and compiled), RoseLoRA on SmolLM2, gradient-SVD vs zeros init;
+#                    results in benchmarks/results/
 #
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_VERSION, SPARSE_ADAPT_CUDA=auto|0|1,
 # MAX_JOBS, TORCH_CUDA_ARCH_LIST.
@@ -48,9 +50,15 @@ demo: build
 demo-quick: build
 	$(PY) -m sparse_adapt demo --quick --compare --out out/demo-quick
 
-bench: build
-	$(PY) benchmarks/python/first_measurement.py
-	$(PY) benchmarks/python/roselora_smollm2.py
+BENCH_DEVICE ?= cpu
+BENCH_THREADS ?= 1
+bench: build cpp
+	mkdir -p build/bench
+	build/cmake/bench_layer --device $(BENCH_DEVICE) --threads $(BENCH_THREADS) --json build/bench/layer-$(BENCH_DEVICE).json
+	$(PY) benchmarks/python/model_step.py --device $(BENCH_DEVICE) --threads 2 --compile --json build/bench/model-$(BENCH_DEVICE).json
+	$(PY) benchmarks/python/report.py --layer build/bench/layer-$(BENCH_DEVICE).json --model build/bench/model-$(BENCH_DEVICE).json
+	$(PY) benchmarks/python/first_measurement.py --device $(BENCH_DEVICE)
+	$(PY) benchmarks/python/roselora_smollm2.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/python/init_comparison.py
 
 clean:

@@ -10,7 +10,6 @@ This is a benchmark, not a test: it asserts nothing about speed.
 """
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_adapt as sa
+from report import describe_machine  # same folder
 from sparse_adapt.memory import SavedBytes
 
 CPU_SHAPES = [(2048, 2048), (4096, 1024)]      # (out, in)
@@ -92,20 +92,6 @@ def measure_layer(out, in_, r, tokens, device, dtype, warmup, reps):
     return rows, naive, fused
 
 
-def machine_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name().replace(" ", "-")
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return model
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -123,7 +109,7 @@ def main():
     reps = args.reps or (50 if cuda else 9)
     shapes = GPU_SHAPES if cuda else CPU_SHAPES
 
-    machine = machine_name(args.device)
+    machine = describe_machine(args.device)
     header = (f"Machine: {machine} ({args.device}, {args.threads} thread(s)), torch {torch.__version__}, {dtype}, "
               f"r={args.rank}, {tokens} tokens, 50% unstructured sparsity; median of {reps}.")
     lines = [header, "",

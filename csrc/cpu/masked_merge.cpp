@@ -8,14 +8,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
+#include <cstring>
 
 namespace sparse_adapt {
 namespace {
 
-// Columns per tile: the tile's float accumulators and the lora_A tile (r x kColTile) stay in L1/L2 while a
-// block of rows streams through.
-constexpr int64_t kColTile = 256;
 // Elements per parallel task, as ATen's own elementwise kernels use (at::internal::GRAIN_SIZE).
 constexpr int64_t kGrainElements = 32768;
 
@@ -26,6 +23,69 @@ constexpr int64_t kGrainElements = 32768;
 #else
 #define SA_CPU_CLONES
 #endif
+
+// 64-byte vectors of the accumulation type (GCC/Clang vector extensions): one AVX-512 register, two AVX2 ones.
+template <typename acc_t>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+// The low-rank delta is computed in tiles of kRowBlock rows x kVecs vectors, whose accumulators stay in
+// registers (16 of them) while k runs over the rank: each lora_A vector loaded serves kRowBlock rows.
+constexpr int64_t kRowBlock = 4;
+constexpr int64_t kVecs = 4;
+
+template <typename acc_t>
+constexpr int64_t tile_cols() {
+  return kVecs * 64 / static_cast<int64_t>(sizeof(acc_t));
+}
+
+// tile (kRowBlock, tile_cols) = lora_B[row0:row0+4] (.., r) @ lora_A[:, c0:c0+tile_cols] (r, ..): a full tile.
+template <typename acc_t>
+__attribute__((always_inline)) inline void lowrank_tile(
+    const acc_t* lora_A, const acc_t* lora_B, int64_t in, int64_t r, int64_t row0, int64_t c0, acc_t* tile) {
+  using V = typename Vec64<acc_t>::type;
+  constexpr int64_t lanes = 64 / sizeof(acc_t);
+  V acc[kRowBlock][kVecs] = {};
+  for (int64_t k = 0; k < r; ++k) {
+    V a[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) {
+      std::memcpy(&a[v], lora_A + k * in + c0 + v * lanes, sizeof(V));
+    }
+    for (int64_t i = 0; i < kRowBlock; ++i) {
+      const acc_t b = lora_B[(row0 + i) * r + k];
+      for (int64_t v = 0; v < kVecs; ++v) {
+        acc[i][v] += b * a[v];
+      }
+    }
+  }
+  std::memcpy(tile, acc, sizeof(acc));
+}
+
+// The same for a partial tile at the right or bottom edge (rows x cols of it).
+template <typename acc_t>
+inline void lowrank_tile_edge(
+    const acc_t* lora_A, const acc_t* lora_B, int64_t in, int64_t r, int64_t row0, int64_t c0, int64_t rows,
+    int64_t cols, acc_t* tile) {
+  constexpr int64_t width = tile_cols<acc_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* t = tile + i * width;
+    std::fill(t, t + cols, acc_t(0));
+    for (int64_t k = 0; k < r; ++k) {
+      const acc_t b = lora_B[(row0 + i) * r + k];
+      const acc_t* a = lora_A + k * in + c0;
+      for (int64_t j = 0; j < cols; ++j) {
+        t[j] += b * a[j];
+      }
+    }
+  }
+}
 
 // kHasMask is a template argument so that, without a mask, the null mask pointer is a constant and the
 // epilogue compiles to a branch-free, vectorized select.
@@ -39,23 +99,24 @@ SA_CPU_CLONES void masked_merge_rows(
     scalar_t* out,  // (out, in), may alias weight
     int64_t in, int64_t r, int64_t row_begin, int64_t row_end) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t width = tile_cols<acc_t>();
   const bool* m = kHasMask ? mask : nullptr;
-  acc_t acc[kColTile];
-  for (int64_t c0 = 0; c0 < in; c0 += kColTile) {
-    const int64_t n = std::min(kColTile, in - c0);
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      std::fill(acc, acc + n, acc_t(0));
-      // delta[row, c0:c0+n] = sum_k B[row, k] * A[k, c0:c0+n]: unit-stride, vectorizable inner loop.
-      for (int64_t k = 0; k < r; ++k) {
-        const acc_t b = lora_B[row * r + k];
-        const acc_t* a = lora_A + k * in + c0;
-        for (int64_t j = 0; j < n; ++j) {
-          acc[j] += b * a[j];
-        }
+  alignas(64) acc_t tile[kRowBlock * width];
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, row_end - row0);
+    for (int64_t c0 = 0; c0 < in; c0 += width) {
+      const int64_t cols = std::min(width, in - c0);
+      if (rows == kRowBlock && cols == width) {
+        lowrank_tile(lora_A, lora_B, in, r, row0, c0, tile);
+      } else {
+        lowrank_tile_edge(lora_A, lora_B, in, r, row0, c0, rows, cols, tile);
       }
-      const int64_t base = row * in + c0;
-      for (int64_t j = 0; j < n; ++j) {
-        out[base + j] = kernels::merged_value(weight[base + j], acc[j], scale, m, base + j);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t base = (row0 + i) * in + c0;
+        const acc_t* t = tile + i * width;
+        for (int64_t j = 0; j < cols; ++j) {
+          out[base + j] = kernels::merged_value(weight[base + j], t[j], scale, m, base + j);
+        }
       }
     }
   }
