@@ -1,6 +1,6 @@
 """sparse_adapt: sparse low-rank adaptation for PyTorch (LoRS, RoseLoRA and their baselines)."""
 
-from . import data, models, ops, prune, reference
+from . import data, edit, models, ops, prune, reference
 from ._native import has_cuda_kernels
 from .adapters import (METHODS, RoseLoraConfig, SparseLoraConfig, SparseLoraLinear, TrainableParameters,
                        adapter_layers, export_peft, inject, load_adapter, merge, save_adapter, trainable_parameters,
@@ -34,6 +34,7 @@ __all__ = [
     "masked_merge",
     "masked_merge_",
     "data",
+    "edit",
     "models",
     "ops",
     "prune",

@@ -1,4 +1,4 @@
-"""The command line: ``sparse-adapt demo`` (also ``python -m sparse_adapt demo``)."""
+"""The command line: ``sparse-adapt demo`` and ``sparse-adapt edit`` (also ``python -m sparse_adapt ...``)."""
 
 import argparse
 import sys
@@ -29,6 +29,53 @@ def _demo(args) -> int:
     return 0
 
 
+def _read_edits(path: str):
+    """edits.jsonl: one JSON object per line with prompt, target and optionally rephrasings, portability
+    ([{"prompt", "answer"}]) and locality (prompts whose continuations must not change)."""
+    import json
+
+    from .edit import Edit
+
+    edits, locality = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                edits.append(Edit.from_dict(d))
+            except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+                raise SystemExit(f"{path}:{n}: {e}")
+            locality += d.get("locality", [])
+    if not edits:
+        raise SystemExit(f"{path}: no edits")
+    return edits, locality
+
+
+def _edit(args) -> int:
+    import torch
+
+    from . import models
+    from .adapters import save_adapter
+    from .edit import EditConfig, apply_edits, results_table
+
+    edits, locality = _read_edits(args.edits)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = models.load_smollm2()
+    config = EditConfig(method=args.method, steps=args.steps, merge=args.merge)
+    model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
+    text = results_table([m]) + "\n\n" + "\n".join(
+        f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
+        for e in m.per_edit) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    if args.save_adapter and args.method != "ft-l" and not args.merge:
+        save_adapter(model, args.save_adapter)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-adapt", description="Sparse low-rank adaptation (LoRS, RoseLoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="directory for report.md, results.json, perplexity.png")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
+
+    from .edit.editing import EDIT_METHODS
+
+    ed = sub.add_parser("edit", help="edit facts of SmolLM2-135M with RoseLoRA (or LoRA / FT-L) and measure them",
+                        description="Apply the edits of a JSONL file at once and report edit success, "
+                                    "generalization, locality, portability, fluency and weights changed.")
+    ed.add_argument("--edits", required=True, help="JSONL: prompt, target[, rephrasings, portability, locality]")
+    ed.add_argument("--method", default="roselora", choices=EDIT_METHODS)
+    ed.add_argument("--steps", type=int, default=40)
+    ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
+    ed.add_argument("--save-adapter", help="directory to save the (unmerged) adapter to")
+    ed.add_argument("--out", help="write the results table here (Markdown)")
+    ed.add_argument("--threads", type=int, default=2)
+    ed.add_argument("--device", default="cpu")
+    ed.set_defaults(run=_edit)
     return parser
 
 
