@@ -9,7 +9,8 @@
 #   make build       (re)build the extension in place; incremental
 #   make cpp         build and run the C++ tests with CMake against the same torch
 #   make bench       the benchmarks (BENCH_DEVICE=cpu|cuda): every method on one layer (C++) and on the whole
-#                    model (Python, eager and compiled), RoseLoRA on SmolLM2, gradient-SVD vs zeros init;
+#                    model (Python, eager and compiled), RoseLoRA on SmolLM2, gradient-SVD vs zeros init,
+#                    knowledge editing;
 #                    results in benchmarks/results/
 #
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_VERSION, SPARSE_ADAPT_CUDA=auto|0|1,
@@ -60,6 +61,7 @@ bench: build cpp
 	$(PY) benchmarks/python/first_measurement.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/python/roselora_smollm2.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/python/init_comparison.py
+	$(PY) benchmarks/python/knowledge_editing.py
 
 clean:
 	rm -rf build sparse_adapt/_C*.so *.egg-info
