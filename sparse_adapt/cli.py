@@ -19,6 +19,15 @@ def _demo(args) -> int:
         else [args.method]
     settings = (pipeline.DemoSettings.quick if args.quick else pipeline.DemoSettings)(methods=methods, **common)
     result = pipeline.run_demo(settings)
+    from . import distributed
+
+    rank = distributed.rank()
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if rank != 0:  # launched by torchrun / accelerate launch: rank 0 reports
+        return 0
     out = pipeline.write_outputs(result)
     print(pipeline.render_report(result))
     print(f"report: {out / 'report.md'}   plot: {out / 'perplexity.png'}")

@@ -9,6 +9,7 @@ model (it must equal the adapted model's). With ``compare``, the same budget for
 import copy
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, models, prune
+from . import data, distributed, models, prune
 from .adapters import RoseLoraConfig, SparseLoraConfig, find_targets, inject, merge
 from .memory import SavedBytes
 from .progress import progress_bar
@@ -81,8 +83,38 @@ class DemoResult:
 
 
 def log(msg: str) -> None:
-    """One line per stage on stderr: long runs show where they are even without progress bars."""
-    print(f"[sparse_adapt] {msg}", file=sys.stderr, flush=True)
+    """One line per stage on stderr (rank 0 only): long runs show where they are even without progress bars."""
+    if distributed.rank() == 0:
+        print(f"[sparse_adapt] {msg}", file=sys.stderr, flush=True)
+
+
+def init_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun or accelerate launch (WORLD_SIZE > 1 in the environment):
+    gloo on the CPU, NCCL on GPUs, one GPU per local rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def local_rows(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This rank's share of a batch (data parallel); the whole batch in a single process."""
+    world = distributed.world_size()
+    if world == 1:
+        return batch
+    n = batch["input_ids"].shape[0]
+    if n % world:
+        raise ValueError(f"batch size {n} is not divisible by the {world} processes")
+    return {k: v.chunk(world)[distributed.rank()] for k, v in batch.items()}
+
+
+def data_parallel(model: nn.Module, device: str) -> nn.Module:
+    """DistributedDataParallel around the adapted model when running in a process group; else the model."""
+    if distributed.world_size() == 1:
+        return model
+    ids = [torch.cuda.current_device()] if device.startswith("cuda") else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def lm_batches(tokenizer, texts: Sequence[str], batch_size: int, length: int) -> List[Dict[str, torch.Tensor]]:
@@ -106,7 +138,8 @@ def perplexity(model: nn.Module, batches, device="cpu") -> float:
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    for batch in batches:
+    # in a process group each rank takes every world-th batch, and the sums are added up
+    for batch in list(batches)[distributed.rank()::distributed.world_size()]:
         batch = _to(batch, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         labels = batch["labels"][:, 1:]
@@ -114,7 +147,10 @@ def perplexity(model: nn.Module, batches, device="cpu") -> float:
                                ignore_index=-100, reduction="sum").item()
         count += int((labels != -100).sum())
     model.train(was_training)
-    return math.exp(nll / count)
+    totals = torch.tensor([nll, count], dtype=torch.float64, device=device)
+    if distributed.world_size() > 1:
+        dist.all_reduce(totals)
+    return math.exp(totals[0].item() / totals[1].item())
 
 
 def truncate_layers(model: nn.Module, layers: Optional[int]) -> nn.Module:
@@ -149,22 +185,23 @@ def method_config(method: str, s: DemoSettings, init: Optional[str] = None) -> S
 def finetune(model: nn.Module, method: str, s: DemoSettings, train, calibration, eval_batches,
              masks, init: Optional[str] = None) -> MethodResult:
     config = method_config(method, s, init)
-    inject(model, config, calibration_batches=[_to(b, s.device) for b in calibration[:2]])
+    inject(model, config, calibration_batches=[_to(local_rows(b), s.device) for b in calibration[:2]])
     result = MethodResult(method, config.init)
+    trained = data_parallel(model, s.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
     result.history.append({"step": 0, "ppl": perplexity(model, eval_batches, s.device)})
     times = []
     model.train()
     for step in progress_bar(range(1, s.steps + 1), f"fine-tune {method}", enabled=s.progress):
-        batch = _to(train[(step - 1) % len(train)], s.device)
+        batch = _to(local_rows(train[(step - 1) % len(train)]), s.device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if step == 1:
             with SavedBytes([*model.parameters(), *model.buffers()]) as saved:
-                loss = model(**batch, use_cache=False).loss
+                loss = trained(**batch, use_cache=False).loss
             result.saved_bytes = saved.total
         else:
-            loss = model(**batch, use_cache=False).loss
+            loss = trained(**batch, use_cache=False).loss
         loss.backward()
         opt.step()
         if s.device.startswith("cuda"):
@@ -200,6 +237,7 @@ class PrunedSetup:
 
 def prepare(s: DemoSettings) -> PrunedSetup:
     """Load the model and the text, measure the dense perplexity, prune, measure again."""
+    init_distributed(s.device)
     torch.manual_seed(s.seed)
     torch.set_num_threads(s.threads)
     model, tokenizer = models.load_smollm2()
@@ -226,7 +264,8 @@ def prepare(s: DemoSettings) -> PrunedSetup:
 
 def machine_description(s: DemoSettings) -> str:
     machine = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"CPU, {s.threads} thread(s)"
-    return f"{machine}, torch {torch.__version__}"
+    world = distributed.world_size()
+    return f"{machine}{f' x {world} processes (DDP)' if world > 1 else ''}, torch {torch.__version__}"
 
 
 def run_demo(s: DemoSettings) -> DemoResult:

@@ -2,7 +2,9 @@
 
 
 def progress_bar(iterable, desc: str, total=None, enabled: bool = True):
-    if not enabled:
+    from .distributed import rank
+
+    if not enabled or rank() != 0:  # one bar per job, not per process
         return iterable
     try:
         from tqdm.auto import tqdm

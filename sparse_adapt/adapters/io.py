@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed import assign_, barrier, full, rank
 from .config import SparseLoraConfig
 from .model import adapter_config, adapter_layers, inject
 
@@ -65,14 +66,19 @@ def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
-    """Write the adapters (tensors only, plus RoseLoRA's scores and step) and their config to ``directory``."""
+    """Write the adapters (tensors only, plus RoseLoRA's scores and step) and their config to ``directory``.
+    In a distributed job call it on every rank: sharded tensors are gathered, rank 0 writes the same file a
+    single process would, the others wait for it."""
     config = adapter_config(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     modules = {name: [layer.out_features, layer.in_features] for name, layer in adapter_layers(model)}
-    _write_tensors(directory / WEIGHTS_NAME, adapter_state(model))
-    _write_json(directory / CONFIG_NAME, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                          "config": config.to_dict(), "modules": modules})
+    state = {k: full(v) for k, v in adapter_state(model).items()}
+    if rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_tensors(directory / WEIGHTS_NAME, state)
+        _write_json(directory / CONFIG_NAME, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                              "config": config.to_dict(), "modules": modules})
+    barrier()
     return directory
 
 
@@ -139,7 +145,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Mod
                              f"(made for another model?)")
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+            assign_(target, tensors[key].to(device=target.device, dtype=target.dtype))
     return model
 
 
@@ -151,12 +157,15 @@ def export_peft(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
         raise ValueError(f"PEFT's LoRA format adds B @ A densely; it cannot express {config.method}'s update "
                          f"(merge it with sa.merge instead)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     names = [name for name, _ in adapter_layers(model)]
     tensors = {}
     for name, layer in adapter_layers(model):
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B
+        tensors[f"base_model.model.{name}.lora_A.weight"] = full(layer.lora_A)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = full(layer.lora_B)
+    if rank() != 0:
+        barrier()
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     _write_tensors(directory / WEIGHTS_NAME, tensors)
     _write_json(directory / CONFIG_NAME, {
         "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "target_modules": names,
@@ -164,4 +173,5 @@ def export_peft(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
         "init_lora_weights": True, "inference_mode": True, "task_type": None, "base_model_name_or_path": None,
         "modules_to_save": None,
     })
+    barrier()
     return directory

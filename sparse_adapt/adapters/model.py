@@ -7,13 +7,15 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..distributed import unwrap
 from .config import SparseLoraConfig
 from .layer import SparseLoraLinear
 
 
 def adapter_layers(model: nn.Module) -> Iterator[Tuple[str, SparseLoraLinear]]:
-    """(qualified name, layer) of every adapter in the model, in module order."""
-    for name, module in model.named_modules():
+    """(qualified name, layer) of every adapter in the model, in module order; names are those of the model
+    inside any DDP / torch.compile wrapper, so they match a single process's."""
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, SparseLoraLinear):
             yield name, module
 
@@ -53,6 +55,7 @@ def inject(model: nn.Module, config: SparseLoraConfig, calibration_batches=None,
     With ``config.init == "gradient_svd"``, ``calibration_batches`` (and optionally ``loss_fn(model, batch)``,
     default ``model(**batch).loss``) are used to set each ``lora_A`` from its weight's gradient.
     """
+    model = unwrap(model)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has sparse_adapt adapters; call sa.unload(model) or sa.merge(model) first")
     targets = find_targets(model, config.target_modules)
@@ -85,6 +88,7 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     """Fold every adapter into its base weight. For sqft, sqft_gc, spp, spp_gc and lors the zeros of each merged
     weight are exactly the base weight's. ``unload=True``: the adapters are replaced by their (now merged) plain
     nn.Linear modules; ``unload=False``: they stay, merged, so that ``sa.unmerge`` can undo it."""
+    model = unwrap(model)
     for name, layer in list(adapter_layers(model)):
         if not layer.merged:
             layer.merge()
@@ -106,6 +110,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapters without merging them: the base nn.Linear modules come back unchanged."""
+    model = unwrap(model)
     for name, layer in list(adapter_layers(model)):
         if layer.merged:
             layer.unmerge()

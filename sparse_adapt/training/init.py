@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.model import adapter_layers
+from ..distributed import all_reduce_mean_, assign_, full
 
 Batch = Union[Tensor, Dict[str, Tensor]]
 
@@ -39,7 +40,9 @@ def _top_right_singular_vectors(dW: Tensor, r: int, niter: int, oversample: int 
     """(k, in) with k = min(r, out, in): the top right singular vectors of dW (out, in), as rows. The randomized
     SVD sketches r + oversample directions, so that the top r are accurate even when the spectrum has no gap at r."""
     k = min(r, *dW.shape)
-    _, _, V = torch.svd_lowrank(dW, q=min(r + oversample, *dW.shape), niter=niter)
+    with torch.random.fork_rng(devices=[dW.device] if dW.is_cuda else []):
+        torch.manual_seed(0)  # the same sketch on every rank and in every run
+        _, _, V = torch.svd_lowrank(dW, q=min(r + oversample, *dW.shape), niter=niter)
     return V[:, :k].T
 
 
@@ -50,6 +53,8 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
     One forward and backward over the calibration batches (concatenated). Each layer's gradient
     ``dW = gyᵀ x`` (out, in) is formed inside its backward hook, reduced to its top-r right singular vectors
     (``torch.svd_lowrank``) and freed before the next layer's is formed: one dW is alive at a time.
+    Under DDP or FSDP2 (where forward gathers one layer's weights at a time) call it on every rank with that
+    rank's batches: each dW is averaged over the ranks, so all of them set the same A.
     """
     layers = dict(adapter_layers(model))
     if not layers:
@@ -66,7 +71,7 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
             def on_grad(grad_out):
                 x = inputs.pop(name).reshape(-1, layer.in_features).float()
                 g = grad_out.reshape(-1, layer.out_features).float()
-                dW = g.T @ x  # the true weight gradient, for this layer only
+                dW = all_reduce_mean_(g.T @ x)  # the true weight gradient, for this layer only (over all ranks)
                 new_A[name] = _top_right_singular_vectors(dW, layer.r, niter)
                 del dW
 
@@ -89,8 +94,9 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
         raise RuntimeError(f"no gradient reached {missing[:5]}: are they used by the loss?")
     with torch.no_grad():
         for name, layer in layers.items():
-            A = new_A[name]
-            layer.lora_A[: A.shape[0]].copy_(A)
+            A = full(layer.lora_A.detach()).clone()
+            A[: new_A[name].shape[0]] = new_A[name]
+            assign_(layer.lora_A, A)  # the local shard, under FSDP2
             layer.lora_B.zero_()
             layer.lora_A.grad = None
             layer.lora_B.grad = None

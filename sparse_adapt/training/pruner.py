@@ -11,6 +11,7 @@ from .. import ops
 from ..adapters.config import RoseLoraConfig
 from ..adapters.layer import SparseLoraLinear
 from ..adapters.model import adapter_layers
+from ..distributed import assign_, full, is_sharded
 
 
 def kept_fraction(step: int, t_init: int, t_final: int, sparsity: float) -> float:
@@ -31,6 +32,7 @@ def kept_count(fraction: float, n: int) -> int:
 
 class RoseLoraPruner:
     """Call :meth:`step` after ``optimizer.step()`` and before ``optimizer.zero_grad()``: it needs the gradients.
+    Under DDP or FSDP2 call it on every rank: every rank ends with the mask one process would compute.
 
     ``total_steps`` is the length of training; the schedule's ``t_final`` defaults to it. The step count and the
     scores live in the adapter layers (``rose_step``, ``rose_score_A``, ``rose_score_B``), so they are saved and
@@ -76,10 +78,16 @@ class RoseLoraPruner:
             if A.grad is None or B.grad is None:
                 raise RuntimeError(f"{name}: lora_A/lora_B have no gradient; call pruner.step() after "
                                    f"optimizer.step() and before optimizer.zero_grad()")
-            ops.ema_topk_(A, A.grad, layer.rose_score_A, self.config.beta, kept_count(fraction, A.shape[1]), 1)
-            ops.ema_topk_(B, B.grad, layer.rose_score_B, self.config.beta, kept_count(fraction, B.shape[0]), 0)
-            self._clip(A)
-            self._clip(B)
+            for param, score, dim in ((A, layer.rose_score_A, 1), (B, layer.rose_score_B, 0)):
+                # A column of B (a row of A) may be split across FSDP2 ranks: prune the whole tensor, the same
+                # way on every rank (scores are replicated buffers, gradients already averaged), then keep the
+                # local shard. Unsharded parameters are pruned in place.
+                value = full(param.detach()) if is_sharded(param) else param
+                ops.ema_topk_(value, full(param.grad), score, self.config.beta,
+                              kept_count(fraction, param.shape[dim]), dim)
+                self._clip(value)
+                if is_sharded(param):
+                    assign_(param, value)
             layer.rose_step.fill_(t)
         return fraction
 
