@@ -44,7 +44,7 @@ def layer_tables(layer: dict) -> str:
     has_peak = any(r["peak"] >= 0 for r in layer["layers"])
     head = "| layer (out x in) | tokens | r | " + " | ".join(METHODS) + " |"
     sep = "|---|---:|---:|" + "---:|" * len(METHODS)
-    out = [f"**Time**, median of the step, as a ratio to LoRA (LoRA's ms in brackets):", "", head, sep]
+    out = ["**Time**, median of the step, as a ratio to LoRA (LoRA's ms in brackets):", "", head, sep]
     for (o, i, t, r), rows in groups.items():
         lora = rows["lora"]
         cells = [f"{rows[m]['ms'] / lora['ms']:.2f}x" + (f" ({lora['ms']:.1f} ms)" if m == "lora" else "")

@@ -2,6 +2,7 @@
 
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -166,8 +167,6 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     """Apply all ``edits`` at once (one batch) and measure them. Returns the edited model -- with the adapters
     attached, or merged if ``config.merge`` -- and its :class:`EditMetrics`. ``locality_prompts`` are prompts
     unrelated to the edits whose continuations should not change."""
-    import time
-
     config = config or EditConfig()
     edits = [e if isinstance(e, Edit) else Edit.from_dict(e) for e in edits]
     target_ids = _validate(edits, tokenizer)
