@@ -6,7 +6,7 @@ Switches (environment variables):
                                1: the same, but fail loudly when they cannot be built; 0: CPU kernels only
   DEBUG=1                      -O0 -g, for gdb / sanitizers
   MAX_JOBS                     parallel compile jobs (ninja)
-  TORCH_CUDA_ARCH_LIST         CUDA archs; default below, printed when used
+  TORCH_CUDA_ARCH_LIST         CUDA archs; default below (what PyTorch's CUDA 13 wheels run on), printed when used
 """
 
 import glob
@@ -16,7 +16,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"  # A100, H100
+# Cubins for Turing (T4), Ampere (8.0 also serves 8.6 / 8.9), Hopper, Blackwell datacenter (10.x) and consumer
+# (12.x), and PTX of the newest for GPUs after it. A GPU with no image gets an error naming its arch and this switch.
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0;10.0;12.0+PTX"
 
 
 def _log(msg):
@@ -82,10 +84,13 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
         extra["cxx"].append("-DSPARSE_ADAPT_WITH_CUDA")
         # No --use_fast_math: it flushes denormals to zero, and a denormal weight must stay non-zero.
-        extra["nvcc"] = nvcc_opt + ["-DSPARSE_ADAPT_WITH_CUDA"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
             _log(f"TORCH_CUDA_ARCH_LIST not set; using the default {DEFAULT_ARCH_LIST}")
+        # The arch list goes into the error a GPU without a kernel image gets ('/' for ';', which a shell splits on).
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", "/").replace(" ", "/")
+        extra["nvcc"] = nvcc_opt + ["-DSPARSE_ADAPT_WITH_CUDA"]
+        extra["cxx"].append(f"-DSPARSE_ADAPT_CUDA_ARCHS={archs}")
         _log(f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, "
              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}, CUDA_HOME={cpp_extension.CUDA_HOME})")
         ext_cls = cpp_extension.CUDAExtension

@@ -29,7 +29,7 @@ _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_lora_operands(op: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-                         mask: Optional[Tensor]) -> None:
+                         mask: Optional[Tensor], mixed: bool = False) -> None:
     _check(op, weight.dtype in _FLOATING, f"weight must be float32, float64, float16 or bfloat16, got {weight.dtype}")
     _check(op, math.isfinite(scale), f"scale must be finite, got {scale}")
     _check(op, weight.dim() == 2, f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
@@ -42,16 +42,20 @@ def _check_lora_operands(op: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor
     _check(op, lora_A.shape[1] == in_, f"lora_A must have shape (r, {in_}) to match weight, got {tuple(lora_A.shape)}")
     _check(op, tuple(lora_B.shape) == (out, r), f"lora_B must have shape ({out}, {r}), got {tuple(lora_B.shape)}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        _check_like(op, name, t, weight)
+        _check_like(op, name, t, weight, any_dtype=mixed)
     if mask is not None:
         _check(op, mask.dtype == torch.bool, f"mask must be a bool tensor, got dtype {mask.dtype}")
         _check(op, mask.shape == weight.shape, f"mask must have weight's shape {tuple(weight.shape)}")
         _check(op, mask.device == weight.device, f"mask is on {mask.device} but weight is on {weight.device}")
 
 
-def _check_like(op: str, name: str, t: Tensor, weight: Tensor) -> None:
-    _check(op, t.device == weight.device, f"{name} is on {t.device} but weight is on {weight.device}")
-    _check(op, t.dtype == weight.dtype, f"{name} has dtype {t.dtype} but weight has dtype {weight.dtype}")
+def _check_like(op: str, name: str, t: Tensor, ref: Tensor, any_dtype: bool = False, ref_name: str = "weight") -> None:
+    _check(op, t.device == ref.device, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    _check(op, any_dtype or t.dtype == ref.dtype, f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def _check_dtype(op: str, name: str, dtype: torch.dtype) -> None:
+    _check(op, dtype in _FLOATING, f"{name} must be float32, float64, float16 or bfloat16, got {dtype}")
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -62,13 +66,16 @@ def _empty(like: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ masked_merge
 
 
-def masked_merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor] = None) -> Tensor:
+def masked_merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``weight + scale * (lora_B @ lora_A) ⊙ M`` in one pass over ``weight``, ``M = mask`` or ``weight != 0``.
 
     weight (out, in), lora_A (r, in), lora_B (out, r), mask (out, in) bool. Differentiable w.r.t. all three
-    tensors, exactly. No ``(out, in)`` temporary is formed for ``B @ A`` or for the mask.
+    tensors, exactly. No ``(out, in)`` temporary is formed for ``B @ A`` or for the mask. ``out_dtype``: the
+    result's dtype (default: weight's); with it the three may be stored in any floating dtypes, each read in its
+    own (e.g. an fp32 weight and adapters merged straight into a bf16 weight, with no cast pass).
     """
-    return _ops.masked_merge.default(weight, lora_A, lora_B, float(scale), mask)
+    return _ops.masked_merge.default(weight, lora_A, lora_B, float(scale), mask, out_dtype)
 
 
 def masked_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor] = None) -> None:
@@ -77,9 +84,11 @@ def masked_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, 
 
 
 @torch.library.register_fake("sparse_adapt::masked_merge")
-def _masked_merge_fake(weight, lora_A, lora_B, scale, mask=None):
-    _check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask)
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+def _masked_merge_fake(weight, lora_A, lora_B, scale, mask=None, out_dtype=None):
+    _check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask, mixed=out_dtype is not None)
+    if out_dtype is not None:
+        _check_dtype("masked_merge", "out_dtype", out_dtype)
+    return torch.empty_like(weight, dtype=out_dtype or weight.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("sparse_adapt::masked_merge_")
@@ -89,16 +98,17 @@ def _masked_merge_inplace_fake(weight, lora_A, lora_B, scale, mask=None):
 
 @torch.library.register_fake("sparse_adapt::masked_merge_backward")
 def _masked_merge_backward_fake(grad, weight, lora_A, lora_B, scale, mask, output_mask):
-    _check_lora_operands("masked_merge_backward", weight, lora_A, lora_B, scale, mask)
+    _check_lora_operands("masked_merge_backward", weight, lora_A, lora_B, scale, mask, mixed=True)
     _check("masked_merge_backward", grad.shape == weight.shape, "grad must have weight's shape")
     need_A, need_B = output_mask
-    return (lora_A.new_empty(lora_A.shape) if need_A else _empty(weight),
-            lora_B.new_empty(lora_B.shape) if need_B else _empty(weight))
+    return (lora_A.new_empty(lora_A.shape) if need_A else _empty(lora_A),
+            lora_B.new_empty(lora_B.shape) if need_B else _empty(lora_B))
 
 
 def _masked_merge_setup_context(ctx, inputs, output):
-    weight, lora_A, lora_B, scale, mask = inputs
+    weight, lora_A, lora_B, scale, mask, out_dtype = inputs
     ctx.scale = scale
+    ctx.weight_dtype = weight.dtype
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # All four are inputs (parameters, buffers): saving them keeps nothing alive that was not already.
         ctx.save_for_backward(weight, lora_A, lora_B, mask)
@@ -111,7 +121,8 @@ def _masked_merge_backward(ctx, grad):
         weight, lora_A, lora_B, mask = ctx.saved_tensors
         grad_A, grad_B = _ops.masked_merge_backward.default(
             grad, weight, lora_A, lora_B, ctx.scale, mask, [need_A, need_B])
-    return (grad if need_w else None, grad_A if need_A else None, grad_B if need_B else None, None, None)
+    return (grad.to(ctx.weight_dtype) if need_w else None, grad_A if need_A else None, grad_B if need_B else None,
+            None, None, None)
 
 
 torch.library.register_autograd(
@@ -130,6 +141,7 @@ def masked_lora_linear(
     scale: float,
     mask: Optional[Tensor] = None,
     exact_grad: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``x @ mergedᵀ + bias`` with ``merged = weight + scale * (lora_B @ lora_A) ⊙ M`` (LoRS).
 
@@ -137,35 +149,53 @@ def masked_lora_linear(
     recomputes ``merged`` there. ``exact_grad=False``: the adapters get LoRS's straight-through gradients
     ``gA = s (gy B)ᵀ x``, ``gB = s gyᵀ (x Aᵀ)``, which never form an ``(out, in)`` product; ``exact_grad=True``:
     the exact masked gradients. ``weight`` gets its true gradient ``gyᵀ x`` when it requires grad.
+
+    Under ``torch.autocast`` it behaves as ``F.linear`` does: ``x`` and ``bias`` are cast to the autocast dtype and
+    the output is in it, but ``weight`` and the adapters are read in their own dtypes by the merge, which writes
+    the merged weight straight in the compute dtype; each gradient has its operand's dtype. ``compute_dtype`` asks
+    for the same explicitly (``x`` must then be in it).
     """
-    return _ops.masked_lora_linear.default(x, weight, bias, lora_A, lora_B, float(scale), mask, exact_grad)
+    return _ops.masked_lora_linear.default(x, weight, bias, lora_A, lora_B, float(scale), mask, exact_grad,
+                                           compute_dtype)
+
+
+def _check_linear_input(op, x, bias, weight, compute_dtype):
+    _check(op, x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+           f"x must have shape (..., {weight.shape[1]}) to match weight, got {tuple(x.shape)}")
+    if compute_dtype is None:
+        _check_like(op, "x", x, weight)
+    else:
+        _check_dtype(op, "compute_dtype", compute_dtype)
+        _check_like(op, "x", x, weight, any_dtype=True)
+        _check(op, x.dtype == compute_dtype, f"x has dtype {x.dtype} but compute_dtype is {compute_dtype}")
+    if bias is not None:
+        _check(op, tuple(bias.shape) == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},)")
+        _check_like(op, "bias", bias, weight, any_dtype=compute_dtype is not None)
 
 
 @torch.library.register_fake("sparse_adapt::masked_lora_linear")
-def _masked_lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, mask=None, exact_grad=False):
+def _masked_lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, mask=None, exact_grad=False, compute_dtype=None):
     op = "masked_lora_linear"
-    _check_lora_operands(op, weight, lora_A, lora_B, scale, mask)
-    _check(op, x.dim() >= 1 and x.shape[-1] == weight.shape[1],
-           f"x must have shape (..., {weight.shape[1]}) to match weight, got {tuple(x.shape)}")
-    _check_like(op, "x", x, weight)
-    if bias is not None:
-        _check(op, tuple(bias.shape) == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},)")
-        _check_like(op, "bias", bias, weight)
+    _check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=compute_dtype is not None)
+    _check_linear_input(op, x, bias, weight, compute_dtype)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("sparse_adapt::masked_lora_linear_backward")
-def _masked_lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scale, mask, exact_grad, output_mask):
-    _check_lora_operands("masked_lora_linear_backward", weight, lora_A, lora_B, scale, mask)
+def _masked_lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scale, mask, exact_grad, output_mask,
+                                      compute_dtype=None):
+    op = "masked_lora_linear_backward"
+    _check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=compute_dtype is not None)
+    _check_linear_input(op, x, None, weight, compute_dtype)
     need_x, need_w, need_bias, need_A, need_B = output_mask
-    shapes = (
-        (*grad_out.shape[:-1], weight.shape[1]) if need_x else None,
-        weight.shape if need_w else None,
-        (weight.shape[0],) if need_bias else None,
-        lora_A.shape if need_A else None,
-        lora_B.shape if need_B else None,
+    grads = (
+        (x, (*grad_out.shape[:-1], weight.shape[1]) if need_x else None),
+        (weight, weight.shape if need_w else None),
+        (x, (weight.shape[0],) if need_bias else None),
+        (lora_A, lora_A.shape if need_A else None),
+        (lora_B, lora_B.shape if need_B else None),
     )
-    return tuple(weight.new_empty(s) if s is not None else _empty(weight) for s in shapes)
+    return tuple(like.new_empty(s) if s is not None else _empty(like) for like, s in grads)
 
 
 def _needs_x(needs_input_grad: Sequence[bool]) -> bool:
@@ -174,9 +204,10 @@ def _needs_x(needs_input_grad: Sequence[bool]) -> bool:
 
 
 def _masked_lora_linear_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, mask, exact_grad = inputs
-    ctx.scale, ctx.exact_grad = scale, exact_grad
+    x, weight, bias, lora_A, lora_B, scale, mask, exact_grad, compute_dtype = inputs
+    ctx.scale, ctx.exact_grad, ctx.compute_dtype = scale, exact_grad, compute_dtype
     ctx.x_shape = x.shape
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     # Only the inputs are saved -- never the merged weight, which backward recomputes.
     ctx.save_for_backward(x if _needs_x(ctx.needs_input_grad) else None, weight, lora_A, lora_B, mask)
 
@@ -184,11 +215,14 @@ def _masked_lora_linear_setup_context(ctx, inputs, output):
 def _masked_lora_linear_backward(ctx, grad_out):
     x, weight, lora_A, lora_B, mask = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
-    if x is None:  # not saved, as no wanted gradient needs it: the op only reads its shape
+    if x is None:  # not saved, as no wanted gradient needs it: the op only reads its shape (and dtype)
         x = grad_out.new_zeros(()).expand(ctx.x_shape)
-    grads = _ops.masked_lora_linear_backward.default(
-        grad_out, x, weight, lora_A, lora_B, ctx.scale, mask, ctx.exact_grad, need)
-    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
+    grad_x, grad_w, grad_bias, grad_A, grad_B = _ops.masked_lora_linear_backward.default(
+        grad_out, x, weight, lora_A, lora_B, ctx.scale, mask, ctx.exact_grad, need, ctx.compute_dtype)
+    if need[2]:
+        grad_bias = grad_bias.to(ctx.bias_dtype)  # the compute dtype's sum, in bias's own dtype
+    grads = (grad_x, grad_w, grad_bias, grad_A, grad_B)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -210,17 +244,42 @@ def ema_topk_(param: Tensor, grad: Tensor, score: Tensor, beta: float, k: int, d
         _ops.ema_topk_.default(param, grad, score, float(beta), int(k), int(dim))
 
 
-@torch.library.register_fake("sparse_adapt::ema_topk_")
-def _ema_topk_fake(param, grad, score, beta, k, dim):
-    op = "ema_topk_"
-    _check(op, param.dtype in _FLOATING, f"param must be float32, float64, float16 or bfloat16, got {param.dtype}")
-    _check(op, param.dim() == 2, f"param must be 2-D, got shape {tuple(param.shape)}")
-    _check(op, grad.shape == param.shape, f"grad must have param's shape {tuple(param.shape)}")
-    _check_like(op, "grad", grad, param)
-    _check(op, score.dtype == torch.float32, f"score must be float32, got {score.dtype}")
-    _check(op, score.shape == param.shape, f"score must have param's shape {tuple(param.shape)}")
-    _check(op, score.device == param.device, f"score is on {score.device} but param is on {param.device}")
-    _check(op, -2 <= dim <= 1, f"dim must be 0 (per column) or 1 (per row) of the 2-D param, got {dim}")
+def _check_ema_topk_operands(op, param, grad, score, beta, k, dim, index=""):
+    p, g, sc = ("param", "grad", "score") if not index else (f"params{index}", f"grads{index}", f"scores{index}")
+    _check(op, param.dtype in _FLOATING, f"{p} must be float32, float64, float16 or bfloat16, got {param.dtype}")
+    _check(op, param.dim() == 2, f"{p} must be 2-D, got shape {tuple(param.shape)}")
+    _check(op, grad.shape == param.shape, f"{g} must have {p}'s shape {tuple(param.shape)}")
+    _check_like(op, g, grad, param, ref_name=p)
+    _check(op, score.dtype == torch.float32, f"{sc} must be float32 (it accumulates an EMA), got {score.dtype}")
+    _check(op, score.shape == param.shape, f"{sc} must have {p}'s shape {tuple(param.shape)}")
+    _check(op, score.device == param.device, f"{sc} is on {score.device} but {p} is on {param.device}")
+    _check(op, -2 <= dim <= 1, f"dim must be 0 (per column) or 1 (per row) of the 2-D {p}, got {dim}")
     _check(op, 0.0 <= beta <= 1.0, f"beta must be in [0, 1], got {beta}")
     n = param.shape[dim]
     _check(op, 0 <= k <= n, f"k must be in [0, {n}], got {k}")
+
+
+@torch.library.register_fake("sparse_adapt::ema_topk_")
+def _ema_topk_fake(param, grad, score, beta, k, dim):
+    _check_ema_topk_operands("ema_topk_", param, grad, score, beta, k, dim)
+
+
+def ema_topk_multi_(params: Sequence[Tensor], grads: Sequence[Tensor], scores: Sequence[Tensor], beta: float,
+                    ks: Sequence[int], dims: Sequence[int]) -> None:
+    """:func:`ema_topk_` on many matrices in one call: ``params[i]`` keeps ``ks[i]`` entries per slice along
+    ``dims[i]``. Every matrix is checked before any is changed; on CUDA they share one kernel launch per 48 matrices
+    (per dtype), which is what makes RoseLoRA's per-step pruning of hundreds of adapters cheap."""
+    with torch.no_grad():
+        _ops.ema_topk_multi_.default(list(params), list(grads), list(scores), float(beta), [int(k) for k in ks],
+                                     [int(d) for d in dims])
+
+
+@torch.library.register_fake("sparse_adapt::ema_topk_multi_")
+def _ema_topk_multi_fake(params, grads, scores, beta, ks, dims):
+    op = "ema_topk_multi_"
+    n = len(params)
+    _check(op, len(grads) == n and len(scores) == n and len(ks) == n and len(dims) == n,
+           f"params, grads, scores, ks and dims must have one entry per matrix, got {n}, {len(grads)}, "
+           f"{len(scores)}, {len(ks)} and {len(dims)}")
+    for i in range(n):
+        _check_ema_topk_operands(op, params[i], grads[i], scores[i], beta, ks[i], dims[i], f"[{i}]")

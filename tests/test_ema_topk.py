@@ -129,3 +129,99 @@ def test_compiles_without_graph_breaks(device):
     prune(expected_p, grad, expected_s)
     torch.compile(prune, fullgraph=True)(param, grad, score)
     assert torch.equal(param, expected_p) and torch.equal(score, expected_s)
+
+
+# ------------------------------------------------------------------------------------------ the multi-tensor form
+
+def _matrices(specs, device="cpu", seed=0):
+    """(params, grads, scores, ks, dims) for specs [(rows, cols, dim, k, dtype)]."""
+    out = ([], [], [], [], [])
+    for i, (rows, cols, dim, k, dtype) in enumerate(specs):
+        p, g, s = operands((rows, cols), dtype, device, seed=seed + i)
+        for lst, v in zip(out, (p, g, s, k, dim)):
+            lst.append(v)
+    return out
+
+
+@given(specs=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30), st.sampled_from([0, 1, -1]),
+                                st.floats(0, 1), st.sampled_from([torch.float32, torch.bfloat16, torch.float64])),
+                      min_size=1, max_size=7),
+       beta=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_multi_equals_one_call_per_matrix(specs, beta, seed):
+    specs = [(r, c, d, round(f * (c if d in (1, -1) else r)), dt) for r, c, d, f, dt in specs]
+    params, grads, scores, ks, dims = _matrices(specs, seed=seed)
+    expected = [(p.clone(), s.clone()) for p, s in zip(params, scores)]
+    for (p, s), g, k, d in zip(expected, grads, ks, dims):
+        sa.ema_topk_(p, g, s, beta, k, d)
+    sa.ema_topk_multi_(params, grads, scores, beta, ks, dims)
+    for (p, s), got_p, got_s in zip(expected, params, scores):
+        assert torch.equal(got_p, p) and torch.equal(got_s, s)
+
+
+def test_multi_on_non_contiguous_matrices(device):
+    param, grad, score = operands((20, 12), device=device)
+    p_view, s_view = param.t().contiguous().t(), score.t().contiguous().t()
+    expected_p, expected_s = param.clone(), score.clone()
+    sa.ema_topk_(expected_p, grad, expected_s, 0.7, 4, 0)
+    other = operands((3, 9), device=device, seed=5)
+    sa.ema_topk_multi_([p_view, other[0]], [grad, other[1]], [s_view, other[2]], 0.7, [4, 2], [0, 1])
+    assert torch.equal(p_view, expected_p) and torch.equal(s_view, expected_s)
+
+
+def test_multi_checks_every_matrix_before_changing_any(device):
+    params, grads, scores, ks, dims = _matrices([(4, 10, 1, 3, torch.float32)] * 5, device)
+    before = [t.clone() for t in params + scores]
+    ks[3] = 11  # > n for the fourth matrix
+    with pytest.raises(ValueError, match=r"sparse_adapt.ema_topk_multi_: k must be in \[0, 10\] \(the length of params\[3\]"):
+        sa.ema_topk_multi_(params, grads, scores, 0.8, ks, dims)
+    assert all(torch.equal(a, b) for a, b in zip(params + scores, before))
+    scores[2] = scores[2].double()
+    with pytest.raises(RuntimeError, match=r"scores\[2\] must be float32"):
+        sa.ema_topk_multi_(params, grads, scores, 0.8, [3] * 5, dims)
+    with pytest.raises(ValueError, match="one entry per matrix"):
+        sa.ema_topk_multi_(params, grads[:4], scores, 0.8, ks, dims)
+
+
+def test_multi_refuses_matrices_that_share_memory(device):
+    params, grads, scores, ks, dims = _matrices([(4, 10, 1, 3, torch.float32)] * 3, device)
+    with pytest.raises(RuntimeError, match="share memory"):
+        sa.ema_topk_multi_([params[0], params[0]], grads[:2], scores[:2], 0.8, ks[:2], dims[:2])
+    big = torch.randn(8, 10, device=device)
+    with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] share memory"):
+        sa.ema_topk_multi_([big[:5], big[4:]], [torch.randn(5, 10, device=device), torch.randn(4, 10, device=device)],
+                           [torch.zeros(5, 10, device=device), torch.zeros(4, 10, device=device)], 0.8, [3, 3], [1, 1])
+    # Reading one gradient twice is fine: only written tensors must be apart.
+    sa.ema_topk_multi_(params[:2], [grads[0], grads[0]], scores[:2], 0.8, ks[:2], dims[:2])
+
+
+def test_multi_opcheck(device):
+    params, grads, scores, ks, dims = _matrices([(6, 20, 1, 5, torch.float32), (20, 6, 0, 2, torch.bfloat16)], device)
+    torch.library.opcheck(OPS.ema_topk_multi_.default, (params, grads, scores, 0.8, ks, dims))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_cpu_and_cuda_pick_the_same_entries(dtype):
+    # RoseLoRA's shapes on Llama-3-8B at r = 16 (rows of A, columns of B), plus short and tied slices.
+    specs = [(16, 4096, 1, 410, dtype), (4096, 16, 0, 410, dtype), (16, 14336, 1, 1434, dtype),
+             (14336, 16, 0, 1434, dtype), (8, 300, 1, 30, dtype), (300, 8, 0, 0, dtype)] * 10
+    cpu = _matrices(specs)
+    for s in cpu[2]:
+        s.copy_(torch.round(s * 8) / 8)  # ties
+    gpu = [[t.cuda() for t in lst] for lst in cpu[:3]]
+    sa.ema_topk_multi_(*cpu[:3], 0.85, cpu[3], cpu[4])
+    sa.ema_topk_multi_(*gpu, 0.85, cpu[3], cpu[4])
+    for a, b in zip(cpu[0] + cpu[2], gpu[0] + gpu[2]):
+        assert torch.equal(a, b.cpu())
+
+
+@given(rows=st.integers(1, 12), cols=st.integers(1, 300), dim=st.sampled_from([0, 1]), frac=st.floats(0, 1),
+       levels=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_massive_ties(rows, cols, dim, frac, levels, seed):
+    """beta = 1 keeps the scores as given: a few distinct values, so the k-th largest is shared by many entries
+    and exactly the lowest indices among them must be kept."""
+    g = torch.Generator().manual_seed(seed)
+    param = torch.randn(rows, cols, generator=g)
+    score = torch.randint(0, levels, (rows, cols), generator=g).float() / levels
+    k = round(frac * param.shape[dim])
+    check_against_reference(param, torch.randn(rows, cols, generator=g), score, 1.0, k, dim)

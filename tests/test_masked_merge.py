@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import sparse_adapt as sa
 from sparse_adapt import reference
-from helpers import ALL_DTYPES, assert_close_to_reference, cpu, assert_grads_match_reference, lora_operands
+from helpers import ALL_DTYPES, absmax, assert_close_to_reference, cpu, assert_grads_match_reference, lora_operands
 
 SHAPES = [(1, 1, 1), (7, 13, 3), (64, 64, 16), (33, 300, 8), (130, 257, 64), (40, 24, 32)]
 OPS = torch.ops.sparse_adapt
@@ -107,3 +107,40 @@ def test_opcheck(device, explicit_mask):
     g = torch.randn_like(w)
     for output_mask in ([True, True], [True, False], [False, True]):
         torch.library.opcheck(OPS.masked_merge_backward.default, (g, w, a.detach(), b.detach(), 0.5, mask, output_mask))
+
+
+@pytest.mark.parametrize("weight_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                    (torch.bfloat16, torch.float16), (torch.float16, torch.float32),
+                                                    (torch.float32, torch.float64)], ids=str)
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("explicit_mask", [False, True])
+def test_out_dtype(device, weight_dtype, out_dtype, factor_dtype, explicit_mask):
+    """out_dtype writes the merged weight straight in another dtype: one rounding of the float result, whatever
+    dtypes the weight and the factors are stored in (each is read in its own)."""
+    w, a, b, mask = lora_operands(70, 264, 8, device=device, explicit_mask=explicit_mask)
+    w, a, b = w.to(weight_dtype), a.to(factor_dtype), b.to(torch.float32)
+    merged = sa.masked_merge(w, a, b, 0.75, mask, out_dtype=out_dtype)
+    assert merged.dtype == out_dtype and merged.shape == w.shape
+    ref64 = reference.masked_merge(w.double(), a.double(), b.double(), 0.75, None if mask is None else mask)
+    eps = torch.finfo(out_dtype).eps if out_dtype != torch.float64 else torch.finfo(torch.float32).eps
+    torch.testing.assert_close(merged.double().cpu(), ref64.cpu(), rtol=eps, atol=1e-6 * absmax(ref64))
+    keep = (w != 0) if mask is None else mask
+    assert torch.equal(merged[~keep], w[~keep].to(out_dtype))  # masked out: the weight, converted
+
+
+def test_out_dtype_gradients_keep_the_operands_dtypes(device):
+    w, a, b, _ = lora_operands(20, 16, 4, device=device)
+    a, b = a.requires_grad_(), b.bfloat16().requires_grad_()
+    merged = sa.masked_merge(w.requires_grad_(), a, b, 0.5, out_dtype=torch.bfloat16)
+    merged.float().sum().backward()
+    assert (w.grad.dtype, a.grad.dtype, b.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    ref_a, ref_b = (t.detach().double().requires_grad_() for t in (a, b))
+    reference.masked_merge(w.detach().double(), ref_a, ref_b, 0.5).sum().backward()
+    torch.testing.assert_close(a.grad.double(), ref_a.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(b.grad.double(), ref_b.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_out_dtype_opcheck(device):
+    w, a, b, mask = lora_operands(12, 24, 4, device=device, explicit_mask=True)
+    torch.library.opcheck(OPS.masked_merge.default,
+                          (w, a.requires_grad_(), b.bfloat16().requires_grad_(), 0.5, mask, torch.bfloat16))

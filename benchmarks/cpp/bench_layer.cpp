@@ -11,7 +11,10 @@
 // allocator on the CPU, by the CUDA caching allocator's counters on a GPU); peak memory during the step on CUDA;
 // each as a ratio to LoRA measured in the same run; and the merge kernel's achieved bandwidth next to a copy's.
 //
-//   bench_layer [--device cpu|cuda] [--quick] [--reps N] [--threads N] [--json out.json]
+//   bench_layer [--device cpu|cuda] [--quick] [--reps N] [--threads N] [--tokens 512,2048] [--ranks 16,64]
+//               [--json out.json]
+// On a GPU: bfloat16 at Llama-3-8B's shapes; on a CPU: float32 at a quarter of them. The merge table also times
+// the autocast path (an fp32 weight merged straight into bf16) on a GPU.
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/CPUAllocator.h>
@@ -180,7 +183,7 @@ const auto& lors_forward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_lora_linear", "")
                        .typed<Tensor(const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, double,
-                                     const OptT&, bool)>();
+                                     const OptT&, bool, std::optional<c10::ScalarType>)>();
   return op;
 }
 
@@ -189,7 +192,7 @@ const auto& lors_backward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_lora_linear_backward", "")
                        .typed<Out(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                  const OptT&, bool, std::array<bool, 5>)>();
+                                  const OptT&, bool, std::array<bool, 5>, std::optional<c10::ScalarType>)>();
   return op;
 }
 
@@ -197,13 +200,13 @@ struct Lors : torch::autograd::Function<Lors> {
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor a, Tensor b, double s) {
     ctx->save_for_backward({x, w, a, b});
     ctx->saved_data["s"] = s;
-    return lors_forward_op().call(x, w, std::nullopt, a, b, s, std::nullopt, false);
+    return lors_forward_op().call(x, w, std::nullopt, a, b, s, std::nullopt, false, std::nullopt);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     auto v = ctx->get_saved_variables();
     auto [gx, gw, gbias, ga, gb] = lors_backward_op().call(
         grad[0], v[0], v[1], v[2], v[3], ctx->saved_data["s"].toDouble(), std::nullopt, false,
-        {true, false, false, true, true});
+        {true, false, false, true, true}, std::nullopt);
     return {gx, Tensor(), ga, gb, Tensor()};
   }
 };
@@ -323,8 +326,18 @@ struct Args {
   bool quick = false;
   int reps = 5;
   int threads = 1;
+  std::vector<int64_t> tokens, ranks;  // empty: the device's default grid
   std::string json;
 };
+
+std::vector<int64_t> int_list(const std::string& text) {
+  std::vector<int64_t> out;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    out.push_back(std::stoll(item));
+  }
+  return out;
+}
 
 Args parse(int argc, char** argv) {
   Args a;
@@ -339,6 +352,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--reps") a.reps = std::stoi(next());
     else if (k == "--threads") a.threads = std::stoi(next());
     else if (k == "--json") a.json = next();
+    else if (k == "--tokens") a.tokens = int_list(next());
+    else if (k == "--ranks") a.ranks = int_list(next());
     else TORCH_CHECK(false, "unknown argument ", k, " (see the comment at the top of bench_layer.cpp)");
   }
   return a;
@@ -373,6 +388,12 @@ int main(int argc, char** argv) {
     tokens = {16};
     ranks = {4};
   }
+  if (!args.tokens.empty()) {
+    tokens = args.tokens;
+  }
+  if (!args.ranks.empty()) {
+    ranks = args.ranks;
+  }
 
   std::vector<Row> rows;
   std::cout << "| layer (out x in) | tokens | r | method | ms | vs LoRA | saved for backward | vs LoRA | peak | vs LoRA |\n"
@@ -399,26 +420,47 @@ int main(int argc, char** argv) {
     }
   }
 
-  // The merge kernel against a plain copy of the same bytes: read weight, write the result.
-  std::cout << "\n| layer (out x in) | r | masked_merge ms | GB/s | copy GB/s | of copy |\n|---|---:|---:|---:|---:|---:|\n";
+  // The merge kernel against a copy of the same bytes (read the weight, write the result): clone for one dtype, a
+  // cast for the autocast path (an fp32 weight and adapters merged straight into bf16). Each sample times 10
+  // back-to-back calls, so that one synchronisation does not weigh on a ~100 us kernel.
+  std::cout << "\n| layer (out x in) | r | weight -> merged | masked_merge ms | GB/s | copy GB/s | of copy |\n"
+            << "|---|---:|---|---:|---:|---:|---:|\n";
   static auto merge = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("sparse_adapt::masked_merge", "")
-                          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, double, const OptT&)>();
+                          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, double, const OptT&,
+                                        std::optional<c10::ScalarType>)>();
+  constexpr int kInner = 10;
+  std::vector<std::pair<c10::ScalarType, c10::ScalarType>> merge_dtypes = {{opts.dtype().toScalarType(),
+                                                                             opts.dtype().toScalarType()}};
+  if (cuda) {
+    merge_dtypes.push_back({torch::kFloat32, torch::kBFloat16});
+  }
   std::ostringstream merge_json;
   for (auto [out, in] : shapes) {
     for (int64_t r : ranks) {
-      const Operands o = make_operands({out, in, 1, r}, opts);
-      const Tensor a = o.a.detach(), b = o.b.detach();
-      const double bytes = 2.0 * o.w.nbytes();
-      const double ms = median_ms([&] { merge.call(o.w, a, b, 1.0, std::nullopt); }, probe, 2, args.reps * 2);
-      const double copy_ms = median_ms([&] { o.w.clone(); }, probe, 2, args.reps * 2);
-      const double gbs = bytes / ms / 1e6, copy_gbs = bytes / copy_ms / 1e6;
-      std::cout << "| " << out << "x" << in << " | " << r << " | " << std::setprecision(3) << ms << " | "
-                << std::setprecision(1) << gbs << " | " << copy_gbs << " | " << std::setprecision(0)
-                << 100 * gbs / copy_gbs << "% |\n";
-      merge_json << (merge_json.tellp() > 0 ? ",\n" : "") << "    {\"out\": " << out << ", \"in\": " << in
-                 << ", \"rank\": " << r << ", \"ms\": " << ms << ", \"gbs\": " << gbs << ", \"copy_gbs\": "
-                 << copy_gbs << "}";
+      for (auto [from, to] : merge_dtypes) {
+        const Operands o = make_operands({out, in, 1, r}, opts.dtype(from));
+        const Tensor a = o.a.detach(), b = o.b.detach();
+        const std::optional<c10::ScalarType> out_dtype = from == to ? std::nullopt : std::optional(to);
+        const double bytes = static_cast<double>(o.w.numel()) * (c10::elementSize(from) + c10::elementSize(to));
+        auto run_merge = [&] {
+          for (int i = 0; i < kInner; ++i) merge.call(o.w, a, b, 1.0, std::nullopt, out_dtype);
+        };
+        auto run_copy = [&] {
+          for (int i = 0; i < kInner; ++i) (from == to ? o.w.clone() : o.w.to(to));
+        };
+        const double ms = median_ms(run_merge, probe, 2, args.reps * 2) / kInner;
+        const double copy_ms = median_ms(run_copy, probe, 2, args.reps * 2) / kInner;
+        const double gbs = bytes / ms / 1e6, copy_gbs = bytes / copy_ms / 1e6;
+        const std::string path = std::string(c10::toString(from)) + " -> " + c10::toString(to);
+        std::cout << "| " << out << "x" << in << " | " << r << " | " << path << " | " << std::setprecision(3) << ms
+                  << " | " << std::setprecision(1) << gbs << " | " << copy_gbs << " | " << std::setprecision(0)
+                  << 100 * gbs / copy_gbs << "% |\n";
+        merge_json << (merge_json.tellp() > 0 ? ",\n" : "") << "    {\"out\": " << out << ", \"in\": " << in
+                   << ", \"rank\": " << r << ", \"from\": \"" << c10::toString(from) << "\", \"to\": \""
+                   << c10::toString(to) << "\", \"ms\": " << ms << ", \"gbs\": " << gbs << ", \"copy_gbs\": "
+                   << copy_gbs << "}";
+      }
     }
   }
 

@@ -15,23 +15,38 @@ std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
-void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), "sparse_adapt.", op, ": ", name, " is an undefined tensor");
-  const auto st = t.scalar_type();
-  TORCH_CHECK(
-      st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-      "sparse_adapt.", op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+namespace {
+
+bool is_supported_floating(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
 }
 
-void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+}  // namespace
+
+void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "sparse_adapt.", op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(
+      is_supported_floating(t.scalar_type()), "sparse_adapt.", op, ": ", name,
+      " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_floating_dtype(const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(
+      is_supported_floating(dtype), "sparse_adapt.", op, ": ", name,
+      " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+void check_like(
+    const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref,
+    bool any_dtype) {
   TORCH_CHECK(
       t.device() == ref.device(),
       "sparse_adapt.", op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
       "; all operands must be on one device");
   TORCH_CHECK(
-      t.scalar_type() == ref.scalar_type(),
+      any_dtype || t.scalar_type() == ref.scalar_type(),
       "sparse_adapt.", op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
-      ref.scalar_type(), "; cast them to one dtype");
+      ref.scalar_type(), "; cast them to one dtype (mixed precision: run under torch.autocast)");
 }
 
 void check_lora_operands(
@@ -40,7 +55,8 @@ void check_lora_operands(
     const at::Tensor& lora_A,
     const at::Tensor& lora_B,
     double scale,
-    const std::optional<at::Tensor>& mask) {
+    const std::optional<at::Tensor>& mask,
+    bool mixed) {
   check_floating(op, "weight", weight);
   check_floating(op, "lora_A", lora_A);
   check_floating(op, "lora_B", lora_B);
@@ -60,8 +76,8 @@ void check_lora_operands(
       lora_B.size(0) == out && lora_B.size(1) == r, "sparse_adapt.", op, ": lora_B must have shape (out, r) = (",
       out, ", ", r, ") to match weight ", shape_str(weight), " and lora_A ", shape_str(lora_A), ", got ",
       shape_str(lora_B));
-  check_like(op, "lora_A", lora_A, "weight", weight);
-  check_like(op, "lora_B", lora_B, "weight", weight);
+  check_like(op, "lora_A", lora_A, "weight", weight, mixed);
+  check_like(op, "lora_B", lora_B, "weight", weight, mixed);
   TORCH_CHECK_VALUE(std::isfinite(scale), "sparse_adapt.", op, ": scale must be finite, got ", scale);
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
@@ -79,56 +95,82 @@ void check_lora_operands(
 }
 
 void check_linear_input(
-    const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& weight) {
+    const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& weight,
+    std::optional<at::ScalarType> compute_dtype) {
   check_floating(op, "x", x);
   const int64_t in = weight.size(1), out = weight.size(0);
   TORCH_CHECK(
       x.dim() >= 1 && x.size(-1) == in, "sparse_adapt.", op, ": x must have shape (..., in) = (..., ", in,
       ") to match weight ", shape_str(weight), ", got ", shape_str(x));
-  check_like(op, "x", x, "weight", weight);
+  if (compute_dtype.has_value()) {
+    check_floating_dtype(op, "compute_dtype", *compute_dtype);
+    check_like(op, "x", x, "weight", weight, /*any_dtype=*/true);
+    TORCH_CHECK(
+        x.scalar_type() == *compute_dtype, "sparse_adapt.", op, ": x has dtype ", x.scalar_type(),
+        " but compute_dtype is ", *compute_dtype, "; x must be in the compute dtype");
+  } else {
+    check_like(op, "x", x, "weight", weight);
+  }
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     check_floating(op, "bias", b);
     TORCH_CHECK(
         b.dim() == 1 && b.size(0) == out, "sparse_adapt.", op, ": bias must have shape (out,) = (", out,
         ",) to match weight ", shape_str(weight), ", got ", shape_str(b));
-    check_like(op, "bias", b, "weight", weight);
+    check_like(op, "bias", b, "weight", weight, compute_dtype.has_value());
   }
 }
 
 int64_t check_ema_topk_operands(
-    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k, int64_t dim) {
-  constexpr const char* op = "ema_topk_";
-  check_floating(op, "param", param);
-  check_floating(op, "grad", grad);
-  TORCH_CHECK(param.dim() == 2, "sparse_adapt.", op, ": param must be 2-D, got shape ", shape_str(param));
-  TORCH_CHECK(param.numel() > 0, "sparse_adapt.", op, ": param is empty, shape ", shape_str(param));
+    const char* op, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+    int64_t dim, int64_t index) {
+  // Argument names, built only for a message: "param", or "params[3]" in the multi-tensor form (called per matrix
+  // on every pruning step, so the checks must cost nothing when they pass).
+  const auto name = [index](const char* single, const char* list) {
+    return index < 0 ? std::string(single) : std::string(list) + "[" + std::to_string(index) + "]";
+  };
+  const auto p = [&] { return name("param", "params"); };
+  const auto g = [&] { return name("grad", "grads"); };
+  const auto s = [&] { return name("score", "scores"); };
+  TORCH_CHECK(param.defined(), "sparse_adapt.", op, ": ", p(), " is an undefined tensor");
+  TORCH_CHECK(grad.defined(), "sparse_adapt.", op, ": ", g(), " is an undefined tensor");
   TORCH_CHECK(
-      grad.sizes() == param.sizes(), "sparse_adapt.", op, ": grad must have param's shape ", shape_str(param),
-      ", got ", shape_str(grad));
-  check_like(op, "grad", grad, "param", param);
-  TORCH_CHECK(score.defined(), "sparse_adapt.", op, ": score is an undefined tensor");
+      is_supported_floating(param.scalar_type()), "sparse_adapt.", op, ": ", p(),
+      " must be float32, float64, float16 or bfloat16, got ", param.scalar_type());
+  TORCH_CHECK(param.dim() == 2, "sparse_adapt.", op, ": ", p(), " must be 2-D, got shape ", shape_str(param));
+  TORCH_CHECK(param.numel() > 0, "sparse_adapt.", op, ": ", p(), " is empty, shape ", shape_str(param));
   TORCH_CHECK(
-      score.scalar_type() == at::kFloat, "sparse_adapt.", op, ": score must be float32 (it accumulates an EMA), got ",
-      score.scalar_type());
+      grad.sizes() == param.sizes(), "sparse_adapt.", op, ": ", g(), " must have ", p(), "'s shape ",
+      shape_str(param), ", got ", shape_str(grad));
   TORCH_CHECK(
-      score.sizes() == param.sizes(), "sparse_adapt.", op, ": score must have param's shape ", shape_str(param),
-      ", got ", shape_str(score));
+      grad.device() == param.device(), "sparse_adapt.", op, ": ", g(), " is on ", grad.device(), " but ", p(),
+      " is on ", param.device(), "; all operands must be on one device");
   TORCH_CHECK(
-      score.device() == param.device(), "sparse_adapt.", op, ": score is on ", score.device(), " but param is on ",
-      param.device());
+      grad.scalar_type() == param.scalar_type(), "sparse_adapt.", op, ": ", g(), " has dtype ", grad.scalar_type(),
+      " but ", p(), " has dtype ", param.scalar_type(), "; cast them to one dtype");
+  TORCH_CHECK(score.defined(), "sparse_adapt.", op, ": ", s(), " is an undefined tensor");
   TORCH_CHECK(
-      !score.is_same(param) && !score.is_same(grad), "sparse_adapt.", op, ": score must be its own tensor");
+      score.scalar_type() == at::kFloat, "sparse_adapt.", op, ": ", s(),
+      " must be float32 (it accumulates an EMA), got ", score.scalar_type());
+  TORCH_CHECK(
+      score.sizes() == param.sizes(), "sparse_adapt.", op, ": ", s(), " must have ", p(), "'s shape ",
+      shape_str(param), ", got ", shape_str(score));
+  TORCH_CHECK(
+      score.device() == param.device(), "sparse_adapt.", op, ": ", s(), " is on ", score.device(), " but ", p(),
+      " is on ", param.device());
+  TORCH_CHECK(
+      !score.is_same(param) && !score.is_same(grad), "sparse_adapt.", op, ": ", s(), " must be its own tensor");
   TORCH_CHECK_VALUE(
-      dim >= -2 && dim <= 1, "sparse_adapt.", op, ": dim must be 0 (per column) or 1 (per row) of the 2-D param, got ",
-      dim);
+      dim >= -2 && dim <= 1, "sparse_adapt.", op, ": dim must be 0 (per column) or 1 (per row) of the 2-D ", p(),
+      ", got ", dim);
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "sparse_adapt.", op, ": beta must be in [0, 1], got ", beta);
   const int64_t d = dim < 0 ? dim + 2 : dim;
   const int64_t n = param.size(d);
   TORCH_CHECK_VALUE(
-      k >= 0 && k <= n, "sparse_adapt.", op, ": k must be in [0, ", n, "] (the length of param ", shape_str(param),
-      " along dim ", dim, "), got ", k);
-  TORCH_CHECK(n <= 0xFFFFFFFFLL, "sparse_adapt.", op, ": slices longer than 2^32 entries are not supported");
+      k >= 0 && k <= n, "sparse_adapt.", op, ": k must be in [0, ", n, "] (the length of ", p(), " ",
+      shape_str(param), " along dim ", dim, "), got ", k);
+  TORCH_CHECK(
+      n <= 0xFFFFFFFFLL, "sparse_adapt.", op, ": slices longer than 2^32 entries are not supported");
   return d;
 }
 

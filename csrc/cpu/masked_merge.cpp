@@ -1,4 +1,4 @@
-// CPU kernel of the masked merge.
+// CPU kernel of the masked merge, and the CPU registrations of masked_merge / masked_merge_.
 
 #include "kernels/masked_merge.h"
 #include "ops.h"
@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -38,8 +39,8 @@ struct Vec64<double> {
 
 // The low-rank delta is computed in tiles of kRowBlock rows x kVecs vectors, whose accumulators stay in
 // registers (16 of them) while k runs over the rank: each lora_A vector loaded serves kRowBlock rows.
-constexpr int64_t kRowBlock = 4;
-constexpr int64_t kVecs = 4;
+constexpr int kRowBlock = 4;
+constexpr int kVecs = 4;
 
 template <typename acc_t>
 constexpr int64_t tile_cols() {
@@ -55,15 +56,14 @@ __attribute__((always_inline)) inline void lowrank_tile(
   V acc[kRowBlock][kVecs] = {};
   for (int64_t k = 0; k < r; ++k) {
     V a[kVecs];
+    acc_t b[kRowBlock];
     for (int64_t v = 0; v < kVecs; ++v) {
       std::memcpy(&a[v], lora_A + k * in + c0 + v * lanes, sizeof(V));
     }
     for (int64_t i = 0; i < kRowBlock; ++i) {
-      const acc_t b = lora_B[(row0 + i) * r + k];
-      for (int64_t v = 0; v < kVecs; ++v) {
-        acc[i][v] += b * a[v];
-      }
+      b[i] = lora_B[(row0 + i) * r + k];
     }
+    kernels::rank1_update(acc, b, a);
   }
   std::memcpy(tile, acc, sizeof(acc));
 }
@@ -87,23 +87,22 @@ inline void lowrank_tile_edge(
   }
 }
 
-// kHasMask is a template argument so that, without a mask, the null mask pointer is a constant and the
-// epilogue compiles to a branch-free, vectorized select.
-template <typename scalar_t, bool kHasMask>
+// kHasMask is a template argument so that, without a mask, the epilogue compiles to a branch-free, vectorized
+// select.
+template <typename w_t, typename out_t, bool kHasMask>
 SA_CPU_CLONES void masked_merge_rows(
-    const scalar_t* weight,                    // (out, in)
-    const at::opmath_type<scalar_t>* lora_A,  // (r, in)
-    const at::opmath_type<scalar_t>* lora_B,  // (out, r)
-    const bool* mask,                          // (out, in); ignored unless kHasMask (then M = weight != 0)
-    at::opmath_type<scalar_t> scale,
-    scalar_t* out,  // (out, in), may alias weight
+    const w_t* weight,                      // (out, in)
+    const at::opmath_type<out_t>* lora_A,  // (r, in)
+    const at::opmath_type<out_t>* lora_B,  // (out, r)
+    const bool* mask,                       // (out, in); ignored unless kHasMask (then M = weight != 0)
+    at::opmath_type<out_t> scale,
+    out_t* out,  // (out, in), may alias weight (then w_t == out_t)
     int64_t in, int64_t r, int64_t row_begin, int64_t row_end) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = at::opmath_type<out_t>;
   constexpr int64_t width = tile_cols<acc_t>();
-  const bool* m = kHasMask ? mask : nullptr;
   alignas(64) acc_t tile[kRowBlock * width];
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, row_end - row0);
+    const int64_t rows = std::min<int64_t>(kRowBlock, row_end - row0);
     for (int64_t c0 = 0; c0 < in; c0 += width) {
       const int64_t cols = std::min(width, in - c0);
       if (rows == kRowBlock && cols == width) {
@@ -115,36 +114,68 @@ SA_CPU_CLONES void masked_merge_rows(
         const int64_t base = (row0 + i) * in + c0;
         const acc_t* t = tile + i * width;
         for (int64_t j = 0; j < cols; ++j) {
-          out[base + j] = kernels::merged_value(weight[base + j], t[j], scale, m, base + j);
+          const w_t w = weight[base + j];
+          const bool keep = kHasMask ? mask[base + j] : kernels::weight_keeps<acc_t>(w);
+          out[base + j] = kernels::merged_value<out_t>(w, t[j], scale, keep);
         }
       }
     }
   }
 }
 
-}  // namespace
+template <typename w_t, typename out_t>
+void launch_typed(
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const at::Tensor& mask, const at::Tensor& out) {
+  using acc_t = at::opmath_type<out_t>;
+  // O(r * (in + out)) conversions of the factors, never O(out * in); no copy when they already are acc_t.
+  const at::Tensor a = lora_A.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const at::Tensor b = lora_B.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const int64_t rows = weight.size(0), in = weight.size(1), r = a.size(0);
+  const bool* m = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const w_t* w = weight.const_data_ptr<w_t>();
+  const acc_t* ap = a.const_data_ptr<acc_t>();
+  const acc_t* bp = b.const_data_ptr<acc_t>();
+  out_t* o = out.mutable_data_ptr<out_t>();
+  const auto s = static_cast<acc_t>(scale);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / in), [&](int64_t begin, int64_t end) {
+    if (m != nullptr) {
+      masked_merge_rows<w_t, out_t, true>(w, ap, bp, m, s, o, in, r, begin, end);
+    } else {
+      masked_merge_rows<w_t, out_t, false>(w, ap, bp, nullptr, s, o, in, r, begin, end);
+    }
+  });
+}
 
 void masked_merge_launch_cpu(
-    const at::Tensor& weight, const at::Tensor& lora_A_acc, const at::Tensor& lora_B_acc, double scale,
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
     const at::Tensor& mask, const at::Tensor& out) {
-  const int64_t rows = weight.size(0), in = weight.size(1), r = lora_A_acc.size(0);
-  const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / in);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_merge_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* w = weight.const_data_ptr<scalar_t>();
-    const acc_t* a = lora_A_acc.const_data_ptr<acc_t>();
-    const acc_t* b = lora_B_acc.const_data_ptr<acc_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const auto s = static_cast<acc_t>(scale);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      if (mask_ptr != nullptr) {
-        masked_merge_rows<scalar_t, true>(w, a, b, mask_ptr, s, o, in, r, begin, end);
-      } else {
-        masked_merge_rows<scalar_t, false>(w, a, b, nullptr, s, o, in, r, begin, end);
-      }
+  if (weight.scalar_type() == at::kFloat && out.scalar_type() != at::kFloat) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "masked_merge_cpu", [&] {
+      launch_typed<float, scalar_t>(weight, lora_A, lora_B, scale, mask, out);
     });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "masked_merge_cpu", [&] {
+    launch_typed<scalar_t, scalar_t>(weight, lora_A, lora_B, scale, mask, out);
   });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_adapt, CPU, m) {
+  m.impl(
+      "masked_merge",
+      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+        return masked_merge(masked_merge_launch_cpu, weight, lora_A, lora_B, scale, mask, out_dtype);
+      });
+  m.impl(
+      "masked_merge_",
+      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+         const std::optional<at::Tensor>& mask) {
+        masked_merge_(masked_merge_launch_cpu, weight, lora_A, lora_B, scale, mask);
+      });
 }
 
 }  // namespace sparse_adapt

@@ -1,132 +1,121 @@
-// CUDA kernel of the masked merge.
-//
-// Each 256-thread block owns a 32 x 128 tile of weight. It stages the tile's slice of lora_B rows and lora_A
-// columns in shared memory (32 ranks at a time, in float), accumulates the 32 x 128 low-rank delta in
-// registers (4 x 4 per thread), then reads weight and writes the result once. Weight traffic is one read and
-// one write per element, so the kernel is bandwidth-bound for the ranks LoRA uses; lora_A/lora_B are re-read
-// per tile but they are small and stay in L2.
+// CUDA launcher and registrations of masked_merge / masked_merge_ (the kernel: masked_merge_kernel.cuh).
 
-#include "kernels/masked_merge.h"
+#include "cuda/errors.h"
+#include "cuda/masked_merge_kernel.cuh"
 #include "ops.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 namespace sparse_adapt {
 namespace {
 
-constexpr int kThreadsX = 32;  // one warp spans the tile's columns: coalesced weight reads and writes
-constexpr int kThreadsY = 8;
-constexpr int kTileRows = 32;
-constexpr int kTileCols = 128;
-constexpr int kRankChunk = 32;
-constexpr int kRowsPerThread = kTileRows / kThreadsY;
-constexpr int kColsPerThread = kTileCols / kThreadsX;
+using merge_cuda::FactorType;
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsX* kThreadsY) masked_merge_kernel(
-    const scalar_t* weight,              // (rows, cols); may alias out, so not __restrict__
-    const acc_t* __restrict__ lora_A,    // (r, cols)
-    const acc_t* __restrict__ lora_B,    // (rows, r)
-    const bool* __restrict__ mask,       // (rows, cols) or nullptr: M = weight != 0
-    acc_t scale,
-    scalar_t* out,                       // (rows, cols)
-    int64_t rows, int64_t cols, int64_t r) {
-  // +1 column of padding: the staging writes of b_tile walk k fastest, so rows would collide on one bank.
-  __shared__ acc_t b_tile[kTileRows][kRankChunk + 1];
-  __shared__ acc_t a_tile[kRankChunk][kTileCols];
-
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int tid = ty * kThreadsX + tx;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
-
-  acc_t acc[kRowsPerThread][kColsPerThread];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-#pragma unroll
-    for (int j = 0; j < kColsPerThread; ++j) {
-      acc[i][j] = acc_t(0);
-    }
+FactorType factor_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return FactorType::kFloat;
+    case at::kDouble:
+      return FactorType::kDouble;
+    case at::kHalf:
+      return FactorType::kHalf;
+    default:
+      return FactorType::kBFloat16;  // the front-end admits only these four
   }
+}
 
-  for (int64_t k0 = 0; k0 < r; k0 += kRankChunk) {
-    const int kn = static_cast<int>(min(static_cast<int64_t>(kRankChunk), r - k0));
-    for (int e = tid; e < kTileRows * kRankChunk; e += kThreadsX * kThreadsY) {
-      const int i = e / kRankChunk, k = e % kRankChunk;
-      const int64_t row = row0 + i;
-      b_tile[i][k] = (row < rows && k < kn) ? lora_B[row * r + k0 + k] : acc_t(0);
-    }
-    for (int e = tid; e < kRankChunk * kTileCols; e += kThreadsX * kThreadsY) {
-      const int k = e / kTileCols, j = e % kTileCols;
-      const int64_t col = col0 + j;
-      a_tile[k][j] = (k < kn && col < cols) ? lora_A[(k0 + k) * cols + col] : acc_t(0);
-    }
-    __syncthreads();
-    for (int k = 0; k < kn; ++k) {
-      acc_t a[kColsPerThread], b[kRowsPerThread];
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) {
-        a[j] = a_tile[k][tx + j * kThreadsX];
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        b[i] = b_tile[ty + i * kThreadsY][k];  // one address per warp: a broadcast
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-#pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) {
-          acc[i][j] += b[i] * a[j];
-        }
-      }
-    }
-    __syncthreads();
+bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+template <typename w_t, typename out_t>
+void launch_typed(
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const at::Tensor& mask, const at::Tensor& out) {
+  using acc_t = at::opmath_type<out_t>;
+  merge_cuda::MergeParams<w_t, out_t, acc_t> p;
+  p.weight = weight.const_data_ptr<w_t>();
+  p.lora_A = lora_A.const_data_ptr();
+  p.lora_B = lora_B.const_data_ptr();
+  p.mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  p.out = out.mutable_data_ptr<out_t>();
+  p.scale = static_cast<acc_t>(scale);
+  p.rows = weight.size(0);
+  p.cols = weight.size(1);
+  p.r = lora_A.size(0);
+  p.a_type = factor_type(lora_A);
+  p.b_type = factor_type(lora_B);
+  const bool vector_aligned =
+      aligned(p.weight, 16) && aligned(p.out, 16) && (p.mask == nullptr || aligned(p.mask, 8));
+
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "masked_merge");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "masked_merge");
+  // The block count a wave holds depends on the kernel's registers and shared memory: ask the runtime.
+  const merge_cuda::MergePlan first = merge_cuda::plan_merge(p.rows, p.cols, p.r, sizeof(acc_t), vector_aligned, 1);
+  // The 16-byte path with or without a mask, and the scalar path (which reads the mask pointer at run time).
+  const auto kernel = !first.vector ? merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, false, true>
+                      : p.mask != nullptr ? merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, true, true>
+                                          : merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, true, false>;
+  if (first.smem_bytes > 48 * 1024) {
+    check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(first.smem_bytes)),
+        "masked_merge");
   }
+  int per_sm = 0;
+  check_cuda(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, merge_cuda::kThreads, first.smem_bytes),
+      "masked_merge");
+  const merge_cuda::MergePlan plan = merge_cuda::plan_merge(
+      p.rows, p.cols, p.r, sizeof(acc_t), vector_aligned, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+  p.rank_chunk = plan.rank_chunk;
+  TORCH_CHECK(
+      plan.col_strips <= 0x7fffffff, "sparse_adapt.masked_merge: weight of shape (", p.rows, ", ", p.cols,
+      ") has too many columns for one CUDA launch");
+  const dim3 grid(static_cast<unsigned>(plan.col_strips), static_cast<unsigned>(plan.grid_y));
+  const dim3 block(merge_cuda::kThreadsX, merge_cuda::kThreadsY);
+  kernel<<<grid, block, plan.smem_bytes, c10::cuda::getCurrentCUDAStream(device)>>>(p);
+  check_launch("masked_merge");
+}
 
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int64_t row = row0 + ty + i * kThreadsY;
-    if (row >= rows) {
-      continue;
-    }
-#pragma unroll
-    for (int j = 0; j < kColsPerThread; ++j) {
-      const int64_t col = col0 + tx + j * kThreadsX;
-      if (col < cols) {
-        const int64_t idx = row * cols + col;
-        out[idx] = kernels::merged_value(weight[idx], acc[i][j], scale, mask, idx);
-      }
-    }
+void masked_merge_launch_cuda(
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const at::Tensor& mask, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::ScalarType w = weight.scalar_type(), o = out.scalar_type();
+  if (w == at::kFloat && o == at::kBFloat16) {
+    launch_typed<float, c10::BFloat16>(weight, lora_A, lora_B, scale, mask, out);
+  } else if (w == at::kFloat && o == at::kHalf) {
+    launch_typed<float, c10::Half>(weight, lora_A, lora_B, scale, mask, out);
+  } else if (o == at::kFloat) {
+    launch_typed<float, float>(weight, lora_A, lora_B, scale, mask, out);
+  } else if (o == at::kDouble) {
+    launch_typed<double, double>(weight, lora_A, lora_B, scale, mask, out);
+  } else if (o == at::kHalf) {
+    launch_typed<c10::Half, c10::Half>(weight, lora_A, lora_B, scale, mask, out);
+  } else {
+    launch_typed<c10::BFloat16, c10::BFloat16>(weight, lora_A, lora_B, scale, mask, out);
   }
 }
 
 }  // namespace
 
-void masked_merge_launch_cuda(
-    const at::Tensor& weight, const at::Tensor& lora_A_acc, const at::Tensor& lora_B_acc, double scale,
-    const at::Tensor& mask, const at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(weight.device());
-  const int64_t rows = weight.size(0), cols = weight.size(1), r = lora_A_acc.size(0);
-  const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
-  const int64_t col_tiles = (cols + kTileCols - 1) / kTileCols;
-  TORCH_CHECK(
-      row_tiles <= 65535 && col_tiles <= 0x7fffffff, "sparse_adapt.masked_merge: weight of shape (", rows, ", ",
-      cols, ") is too large for one CUDA launch (at most ", 65535 * kTileRows, " rows)");
-  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
-  const dim3 block(kThreadsX, kThreadsY);
-  const bool* mask_ptr = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "masked_merge_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    masked_merge_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
-        weight.const_data_ptr<scalar_t>(), lora_A_acc.const_data_ptr<acc_t>(), lora_B_acc.const_data_ptr<acc_t>(),
-        mask_ptr, static_cast<acc_t>(scale), out.mutable_data_ptr<scalar_t>(), rows, cols, r);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+TORCH_LIBRARY_IMPL(sparse_adapt, CUDA, m) {
+  m.impl(
+      "masked_merge",
+      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+        return masked_merge(masked_merge_launch_cuda, weight, lora_A, lora_B, scale, mask, out_dtype);
+      });
+  m.impl(
+      "masked_merge_",
+      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+         const std::optional<at::Tensor>& mask) {
+        masked_merge_(masked_merge_launch_cuda, weight, lora_A, lora_B, scale, mask);
+      });
 }
 
 }  // namespace sparse_adapt

@@ -30,16 +30,22 @@ SA_HOST_DEVICE uint32_t float_bits(float f) {
 #endif
 }
 
-// A key that orders entries by score (larger first), then by index (lower first): the high 32 bits map the
-// float monotonically to an unsigned integer (NaN lowest, -0 == +0), the low 32 bits are the inverted index.
-// Keys of one slice are therefore unique, and "the k largest keys" is a well-defined set.
-SA_HOST_DEVICE uint64_t topk_key(float score, int64_t index) {
-  uint32_t ordered = 0;  // NaN ranks below every number
-  if (score == score) {
-    const uint32_t bits = score == 0.0f ? 0u : float_bits(score);
-    ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+// The score as an unsigned integer of the same order: larger scores map to larger integers, NaN to 0 (below every
+// number), -0 and +0 to the same value.
+SA_HOST_DEVICE uint32_t ordered_score(float score) {
+  if (score != score) {
+    return 0u;
   }
-  return (static_cast<uint64_t>(ordered) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(index));
+  const uint32_t bits = score == 0.0f ? 0u : float_bits(score);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// A key that orders entries by score (larger first), then by index (lower first): the high 32 bits are the
+// ordered score, the low 32 bits the inverted index. Keys of one slice are therefore unique, and "the k largest
+// keys" is a well-defined set. (The CPU kernel selects on the ordered score and breaks ties by index order, which
+// is the same set.)
+SA_HOST_DEVICE uint64_t topk_key(float score, int64_t index) {
+  return (static_cast<uint64_t>(ordered_score(score)) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(index));
 }
 
 }  // namespace sparse_adapt::kernels

@@ -6,3 +6,10 @@
 #else
 #define SA_HOST_DEVICE inline
 #endif
+
+// Full unrolling of a loop with a compile-time trip count, on both compilers.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SA_UNROLL _Pragma("unroll")
+#else
+#define SA_UNROLL _Pragma("GCC unroll 16")
+#endif

@@ -1,26 +1,40 @@
 #pragma once
-// Per-element arithmetic of the masked merge  merged = weight + scale * (lora_B @ lora_A) ⊙ M,
-// shared by the CPU kernel (cpu/masked_merge.cpp) and the CUDA kernel (cuda/masked_merge.cu) so the CPU tests
-// exercise the arithmetic the GPU runs. `acc_t` is at::opmath_type<scalar_t>: float for half types.
+// Arithmetic of the masked merge  out = weight + scale * (lora_B @ lora_A) ⊙ M, shared by the CPU kernel
+// (cpu/masked_merge.cpp) and the CUDA kernel (cuda/masked_merge_kernel.cuh): the rank-r accumulation of the
+// low-rank delta and the per-element epilogue are written once, here, so the CPU tests run the arithmetic the GPU
+// runs. `acc_t` is at::opmath_type of the output dtype (float for half types, double for float64). The weight may
+// be stored in another dtype than the output (an fp32 weight merged straight into bf16 under autocast).
 
 #include "kernels/macros.h"
 
-#include <cstdint>
-
 namespace sparse_adapt::kernels {
 
-// M: an explicit mask wins; without one the weight's own non-zeros are the mask, so no pruned zero can
-// become non-zero.
-template <typename acc_t>
-SA_HOST_DEVICE bool merge_keeps(acc_t w, const bool* mask, int64_t idx) {
-  return mask != nullptr ? mask[idx] : w != acc_t(0);
+// One rank's contribution to a TR x TC register tile of B @ A: acc[i][j] += b[i] * a[j]. Every element sums its r
+// products in rank order, in acc_t. The CPU kernel's "columns" are SIMD vectors of acc_t (b broadcasts), the CUDA
+// kernel's are scalars; the compilers may contract the multiply-add into an FMA (nvcc always does), which is the
+// one rounding in which the backends can differ.
+template <int TR, int TC, typename acc_t, typename b_t, typename a_t>
+SA_HOST_DEVICE void rank1_update(acc_t (&acc)[TR][TC], const b_t (&b)[TR], const a_t (&a)[TC]) {
+SA_UNROLL
+  for (int i = 0; i < TR; ++i) {
+SA_UNROLL
+    for (int j = 0; j < TC; ++j) {
+      acc[i][j] += b[i] * a[j];
+    }
+  }
 }
 
-// One rounding to scalar_t, after the float accumulation. A masked-out element is returned bit for bit.
-template <typename scalar_t, typename acc_t>
-SA_HOST_DEVICE scalar_t merged_value(scalar_t w, acc_t delta, acc_t scale, const bool* mask, int64_t idx) {
-  const acc_t wf = static_cast<acc_t>(w);
-  return merge_keeps(wf, mask, idx) ? static_cast<scalar_t>(wf + scale * delta) : w;
+// M without an explicit mask: the weight's own non-zeros, so no pruned zero can become non-zero.
+template <typename acc_t, typename w_t>
+SA_HOST_DEVICE bool weight_keeps(w_t w) {
+  return static_cast<acc_t>(w) != acc_t(0);
+}
+
+// One rounding to the output dtype, after the accumulation. A masked-out element is the weight converted to the
+// output dtype: bit for bit when the dtypes agree, and a zero stays a zero in every conversion.
+template <typename out_t, typename acc_t, typename w_t>
+SA_HOST_DEVICE out_t merged_value(w_t w, acc_t delta, acc_t scale, bool keep) {
+  return keep ? static_cast<out_t>(static_cast<acc_t>(w) + scale * delta) : static_cast<out_t>(w);
 }
 
 }  // namespace sparse_adapt::kernels

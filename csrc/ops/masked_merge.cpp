@@ -1,18 +1,13 @@
-// Front-ends of masked_merge / masked_merge_: checks, contiguity, the accumulation dtype, then one launch.
+// Front-ends of masked_merge / masked_merge_: checks, contiguity, the output dtype, then one launch of the
+// backend's kernel (bound in cpu/masked_merge.cpp, cuda/masked_merge.cu).
 
 #include "common/checks.h"
 #include "ops.h"
 
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 
 namespace sparse_adapt {
 namespace {
-
-// Low-rank factors in the accumulation dtype: O(r * (in + out)) floats, never O(out * in).
-at::Tensor to_acc(const at::Tensor& t) {
-  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
-}
 
 at::Tensor mask_or_undefined(const std::optional<at::Tensor>& mask) {
   return mask.has_value() ? mask->contiguous() : at::Tensor();
@@ -20,13 +15,24 @@ at::Tensor mask_or_undefined(const std::optional<at::Tensor>& mask) {
 
 }  // namespace
 
+bool merge_reads_natively(at::ScalarType weight, at::ScalarType out) {
+  // The kernels convert while they read; these are the pairs they are built for: one dtype throughout, and an fp32
+  // weight merged straight into the half-precision compute dtype of autocast.
+  return weight == out || (weight == at::kFloat && (out == at::kHalf || out == at::kBFloat16));
+}
+
 at::Tensor masked_merge(
     MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask) {
-  check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask);
+    double scale, const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+  check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask, /*mixed=*/out_dtype.has_value());
+  const at::ScalarType dtype = out_dtype.value_or(weight.scalar_type());
+  check_floating_dtype("masked_merge", "out_dtype", dtype);
   at::Tensor w = weight.contiguous();
-  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
-  launch(w, to_acc(lora_A), to_acc(lora_B), scale, mask_or_undefined(mask), out);
+  if (!merge_reads_natively(w.scalar_type(), dtype)) {
+    w = w.to(dtype);  // an unusual pair (e.g. a bf16 weight into fp16): one conversion pass first
+  }
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(dtype));
+  launch(w, lora_A.contiguous(), lora_B.contiguous(), scale, mask_or_undefined(mask), out);
   return out;
 }
 
@@ -34,12 +40,13 @@ void masked_merge_(
     MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
     double scale, const std::optional<at::Tensor>& mask) {
   check_lora_operands("masked_merge_", weight, lora_A, lora_B, scale, mask);
+  const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
   if (weight.is_contiguous()) {
-    launch(weight, to_acc(lora_A), to_acc(lora_B), scale, mask_or_undefined(mask), weight);
+    launch(weight, a, b, scale, mask_or_undefined(mask), weight);
     return;
   }
   at::Tensor w = weight.contiguous();
-  launch(w, to_acc(lora_A), to_acc(lora_B), scale, mask_or_undefined(mask), w);
+  launch(w, a, b, scale, mask_or_undefined(mask), w);
   weight.copy_(w);
 }
 

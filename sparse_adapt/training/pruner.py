@@ -36,7 +36,9 @@ class RoseLoraPruner:
 
     ``total_steps`` is the length of training; the schedule's ``t_final`` defaults to it. The step count and the
     scores live in the adapter layers (``rose_step``, ``rose_score_A``, ``rose_score_B``), so they are saved and
-    restored with the adapter and training resumes where it stopped.
+    restored with the adapter and training resumes where it stopped: the pruner reads the step once, when it is
+    created (create it after ``sa.load_adapter``), and from then on never waits for the GPU -- one
+    ``ema_topk_multi_`` call prunes every matrix, and clipping runs as foreach ops.
     """
 
     def __init__(self, model: nn.Module, total_steps: Optional[int] = None):
@@ -51,6 +53,16 @@ class RoseLoraPruner:
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps = total_steps
+        steps = torch.stack([layer.rose_step.detach().cpu() for _, layer in self.layers])
+        if not bool((steps == steps[0]).all()):
+            raise ValueError(f"the roselora adapters are at different pruning steps ({sorted(set(steps.tolist()))}); "
+                             f"were they loaded from different checkpoints?")
+        self._step = int(steps[0])
+        # What every step passes to ema_topk_multi_, gathered once: (layer name, param, score, dim) per matrix.
+        self._matrices = [(name, param, score, dim) for name, layer in self.layers
+                          for param, score, dim in ((layer.lora_A, layer.rose_score_A, 1),
+                                                    (layer.lora_B, layer.rose_score_B, 0))]
+        self._steps = [layer.rose_step for _, layer in self.layers]
 
     @property
     def t_final(self) -> int:
@@ -62,7 +74,7 @@ class RoseLoraPruner:
 
     @property
     def step_count(self) -> int:
-        return int(self.layers[0][1].rose_step)
+        return self._step
 
     def kept_fraction(self, step: Optional[int] = None) -> float:
         step = self.step_count if step is None else step
@@ -71,36 +83,53 @@ class RoseLoraPruner:
     @torch.no_grad()
     def step(self) -> float:
         """Advance the schedule one step and prune every adapter; returns the kept fraction used."""
-        t = self.step_count + 1
+        grads = [param.grad for _, param, _, _ in self._matrices]
+        if any(g is None for g in grads):
+            missing = sorted({name for (name, _, _, _), g in zip(self._matrices, grads) if g is None})
+            raise RuntimeError(f"{missing[:3]}: lora_A/lora_B have no gradient; call pruner.step() after "
+                               f"optimizer.step() and before optimizer.zero_grad()")
+        t = self._step + 1
         fraction = self.kept_fraction(t)
-        for name, layer in self.layers:
-            A, B = layer.lora_A, layer.lora_B
-            if A.grad is None or B.grad is None:
-                raise RuntimeError(f"{name}: lora_A/lora_B have no gradient; call pruner.step() after "
-                                   f"optimizer.step() and before optimizer.zero_grad()")
-            for param, score, dim in ((A, layer.rose_score_A, 1), (B, layer.rose_score_B, 0)):
-                # A column of B (a row of A) may be split across FSDP2 ranks: prune the whole tensor, the same
-                # way on every rank (scores are replicated buffers, gradients already averaged), then keep the
-                # local shard. Unsharded parameters are pruned in place.
-                value = full(param.detach()) if is_sharded(param) else param
-                ops.ema_topk_(value, full(param.grad), score, self.config.beta,
-                              kept_count(fraction, param.shape[dim]), dim)
-                self._clip(value)
-                if is_sharded(param):
-                    assign_(param, value)
-            layer.rose_step.fill_(t)
+        counts = {}  # k per slice length
+        params, scores, ks, dims, sharded = [], [], [], [], []
+        for (_, param, score, dim), grad in zip(self._matrices, grads):
+            n = param.shape[dim]
+            if n not in counts:
+                counts[n] = kept_count(fraction, n)
+            if is_sharded(param):
+                # A column of B (a row of A) may be split across FSDP2 ranks: prune the whole tensor, the same way
+                # on every rank (scores are replicated buffers, gradients already averaged), then keep the local
+                # shard. Unsharded parameters are pruned in place.
+                value = full(param.detach())
+                sharded.append((param, value))
+                params.append(value)
+                grads[len(params) - 1] = full(grad)
+            else:
+                params.append(param)
+            scores.append(score)
+            ks.append(counts[n])
+            dims.append(dim)
+        ops.ema_topk_multi_(params, grads, scores, self.config.beta, ks, dims)
+        self._clip(params)
+        for param, value in sharded:
+            assign_(param, value)
+        torch._foreach_add_(self._steps, 1)
+        self._step = t
         return fraction
 
-    def _clip(self, p: torch.Tensor) -> None:
+    def _clip(self, params: List[torch.Tensor]) -> None:
+        """The configured clipping of every pruned matrix, as foreach ops: no per-matrix wait for the GPU."""
         if self.config.clip is None:
             return
         kind, value = self.config.clip
         if kind == "elementwise":
-            p.clamp_(-value, value)
+            torch._foreach_clamp_min_(params, -value)
+            torch._foreach_clamp_max_(params, value)
         else:  # frobenius: ‖p‖²_F ≤ value, by rescaling (zeros stay zeros)
-            sq = p.float().square().sum().item()
-            if sq > value:
-                p.mul_(math.sqrt(value / sq))
+            scales = torch._foreach_reciprocal(torch._foreach_norm(params, 2, dtype=torch.float32))
+            torch._foreach_mul_(scales, math.sqrt(value))
+            torch._foreach_clamp_max_(scales, 1.0)  # min(1, sqrt(value) / ‖p‖); a zero matrix gets inf -> 1
+            torch._foreach_mul_(params, scales)
 
     def trainer_callback(self):
         """A ``transformers.TrainerCallback`` that runs this pruner after every optimizer step, so RoseLoRA
