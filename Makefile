@@ -7,14 +7,19 @@
 #   make demo-quick  the same in a few minutes (fewer steps, shorter sequences)
 #   make test        build everything (Python extension + C++ tests via CMake) and run all tests
 #   make build       (re)build the extension in place; incremental
-#   make cpp         build and run the C++ tests with CMake against the same torch
+#   make cpp         build and run the C++ tests with CMake against the same torch (CPU; the CUDA kernels' code runs
+#                    there too, under an emulator with ASan and TSan)
+#   make sass        what the CUDA kernels compile to (registers, spills, load/store widths), no GPU needed;
+#                    writes benchmarks/results/cuda-static.md
+#   make gpu-check   on a machine with a GPU and no network: build for its arch, every CUDA test, compute-sanitizer,
+#                    the layer benchmark at Llama-3-8B shapes, ema_topk_; results under $$OUT (scripts/gpu_check.py)
 #   make bench       the benchmarks (BENCH_DEVICE=cpu|cuda): every method on one layer (C++) and on the whole
 #                    model (Python, eager and compiled), RoseLoRA on SmolLM2, gradient-SVD vs zeros init,
 #                    knowledge editing;
 #                    results in benchmarks/results/
 #
 # Variables: PYTHON (the interpreter that makes the venv), VENV, TORCH_VERSION, SPARSE_ADAPT_CUDA=auto|0|1,
-# MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+# MAX_JOBS, TORCH_CUDA_ARCH_LIST (default in setup.py: cubins for 7.5 8.0 9.0 10.0 12.0, PTX of 12.0).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +31,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.sparse_adapt-env
 
-.PHONY: demo demo-quick test build cpp bench clean
+.PHONY: demo demo-quick test build cpp sass gpu-check bench clean
 
 $(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +49,13 @@ cpp: $(STAMP)
 
 test: build cpp
 	$(PY) -m pytest -q
+
+sass: build
+	$(PY) benchmarks/cuda_static.py --check
+
+# The GPU machine has torch and no package registry: it runs with its own python3, not the venv.
+gpu-check:
+	python3 scripts/gpu_check.py
 
 demo: build
 	$(PY) -m sparse_adapt demo --compare --out out/demo

@@ -2,7 +2,8 @@
 # Configure, build and run the C++ side (CMakeLists.txt) against the current Python's torch.
 #   scripts/cmake-build.sh [build-dir]
 # env: PYTHON, SPARSE_ADAPT_CPP_CUDA=0|1 (the CUDA kernels in the C++ tests and benchmarks; needs
-#      TORCH_CUDA_ARCH_LIST; make gpu-check sets both), CPP_TESTS=0 (build only), MAX_JOBS
+#      TORCH_CUDA_ARCH_LIST; make gpu-check sets both), CPP_TESTS=0 (build only), MAX_JOBS,
+#      CMAKE_EXTRA (more -D options)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -35,7 +36,7 @@ echo "cmake: torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), CUD
 mkdir -p "$(dirname "$BUILD_DIR")"
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" \
   -DPython3_EXECUTABLE="$(command -v "$PYTHON")" -DSPARSE_ADAPT_CUDA=$cuda \
-  "${flags[@]}" > "$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; exit 1; }
+  "${flags[@]}" ${CMAKE_EXTRA:-} > "$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; exit 1; }
 cmake --build "$BUILD_DIR" -j "${MAX_JOBS:-2}"
 if [[ "${CPP_TESTS:-1}" != 0 ]]; then
   ctest --test-dir "$BUILD_DIR" --output-on-failure

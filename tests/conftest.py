@@ -13,10 +13,16 @@ settings.register_profile(
 settings.register_profile("explore", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("SPARSE_ADAPT_HYPOTHESIS", "ci"))
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
-]
+# Every CUDA case carries the `cuda` marker, so `pytest -m cuda` (make gpu-check) runs exactly them.
+CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_ONLY)]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(m.name == "skipif" and "needs a CUDA GPU" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(params=DEVICES)
