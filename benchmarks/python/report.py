@@ -62,10 +62,12 @@ def layer_tables(layer: dict) -> str:
             cells = [f"{rows[m]['peak'] / rows['lora']['peak']:.2f}x" for m in METHODS]
             out.append(f"| {o}x{i} | {t} | {r} | " + " | ".join(cells) + " |")
     out += ["", "**masked_merge** (read weight, write the result) against a copy of the same bytes:", "",
-            "| layer (out x in) | r | ms | GB/s | copy GB/s | of copy |", "|---|---:|---:|---:|---:|---:|"]
+            "| layer (out x in) | r | weight -> merged | ms | GB/s | copy GB/s | of copy |",
+            "|---|---:|---|---:|---:|---:|---:|"]
     for m in layer["merge"]:
-        out.append(f"| {m['out']}x{m['in']} | {m['rank']} | {m['ms']:.3f} | {m['gbs']:.1f} | {m['copy_gbs']:.1f} | "
-                   f"{100 * m['gbs'] / m['copy_gbs']:.0f}% |")
+        path = f"{m.get('from', layer['dtype'])} -> {m.get('to', layer['dtype'])}"
+        out.append(f"| {m['out']}x{m['in']} | {m['rank']} | {path} | {m['ms']:.3f} | {m['gbs']:.1f} | "
+                   f"{m['copy_gbs']:.1f} | {100 * m['gbs'] / m['copy_gbs']:.0f}% |")
     return "\n".join(out)
 
 
