@@ -1,43 +1,67 @@
-"""sparse_adapt: sparse low-rank adaptation for PyTorch (LoRS, RoseLoRA and their baselines)."""
+"""sparse_adapt: sparse low-rank adaptation for PyTorch (LoRS, RoseLoRA and their baselines).
 
-from . import data, edit, models, ops, prune, reference
+The library: the native ops (``sa.masked_merge`` ...), the adapters (``sa.inject``, ``sa.SparseLoraConfig``, one
+record per method), training utilities (``sa.RoseLoraPruner``, ``sa.sparsity_report``) and pruning (``sa.prune``).
+The applications built on it -- knowledge editing (``sa.edit``), the demo (``sparse_adapt.demo``), the real model
+and text they use (``sparse_adapt.assets``) -- load on first use, not on ``import sparse_adapt``.
+"""
+
+import importlib
+
+from . import ops, prune, reference
 from ._native import has_cuda_kernels
-from .adapters import (METHODS, RoseLoraConfig, SparseLoraConfig, SparseLoraLinear, TrainableParameters,
-                       adapter_layers, export_peft, inject, load_adapter, merge, save_adapter, trainable_parameters,
-                       unload, unmerge)
+from .adapters import (METHODS, Method, RoseLoraConfig, SparseLoraConfig, SparseLoraLinear, TrainableParameters,
+                       adapter_layers, config_for, export_peft, get_method, gradient_svd_init_, inject, load_adapter,
+                       merge, method_names, register_method, save_adapter, trainable_parameters, unload, unmerge)
 from .ops import ema_topk_, ema_topk_multi_, masked_lora_linear, masked_merge, masked_merge_
-from .training import RoseLoraPruner, gradient_svd_init_, sparsity_report
+from .training import RoseLoraPruner, sparsity_report
 
 __version__ = "0.1.0"
 
+# Applications and assets, imported when first used: sa.edit, sa.demo, sa.assets (sa.models and sa.data are the
+# assets' model and text modules, under the names earlier versions gave them).
+_LAZY = {"edit": ".edit", "demo": ".demo", "assets": ".assets", "lm": ".lm", "models": ".assets.models",
+         "data": ".assets.text"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name], __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'sparse_adapt' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
-    "RoseLoraPruner",
+    "Method",
     "RoseLoraConfig",
+    "RoseLoraPruner",
     "SparseLoraConfig",
     "SparseLoraLinear",
     "TrainableParameters",
     "adapter_layers",
+    "config_for",
     "ema_topk_",
     "ema_topk_multi_",
     "export_peft",
+    "get_method",
     "gradient_svd_init_",
+    "has_cuda_kernels",
     "inject",
     "load_adapter",
+    "masked_lora_linear",
+    "masked_merge",
+    "masked_merge_",
     "merge",
+    "method_names",
+    "ops",
+    "prune",
+    "reference",
+    "register_method",
     "save_adapter",
     "sparsity_report",
     "trainable_parameters",
     "unload",
     "unmerge",
-    "has_cuda_kernels",
-    "masked_lora_linear",
-    "masked_merge",
-    "masked_merge_",
-    "data",
-    "edit",
-    "models",
-    "ops",
-    "prune",
-    "reference",
 ]

@@ -4,11 +4,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .adapters.config import METHODS, SPARSITY_PRESERVING
+from .adapters import get_method, method_names
 
 
 def _demo(args) -> int:
-    from . import pipeline
+    from . import demo
 
     common = dict(threads=args.threads, device=args.device, out_dir=args.out, sparsity=args.sparsity,
                   pruner=args.pruner, seed=args.seed, progress=not args.no_progress)
@@ -17,8 +17,8 @@ def _demo(args) -> int:
             common[name] = getattr(args, name)
     methods = [args.method] + [m for m in ("lora", "sqft", "spp") if m != args.method] if args.compare \
         else [args.method]
-    settings = (pipeline.DemoSettings.quick if args.quick else pipeline.DemoSettings)(methods=methods, **common)
-    result = pipeline.run_demo(settings)
+    settings = (demo.DemoSettings.quick if args.quick else demo.DemoSettings)(methods=methods, **common)
+    result = demo.run_demo(settings)
     from . import distributed
 
     rank = distributed.rank()
@@ -28,10 +28,10 @@ def _demo(args) -> int:
         dist.destroy_process_group()
     if rank != 0:  # launched by torchrun / accelerate launch: rank 0 reports
         return 0
-    out = pipeline.write_outputs(result)
-    print(pipeline.render_report(result))
+    out = demo.write_outputs(result)
+    print(demo.render_report(result))
     print(f"report: {out / 'report.md'}   plot: {out / 'perplexity.png'}")
-    failed = [m.method for m in result.methods if m.method in SPARSITY_PRESERVING and not m.keeps_zeros]
+    failed = [m.method for m in result.methods if get_method(m.method).preserves_sparsity and not m.keeps_zeros]
     if failed:
         print(f"ERROR: merged weights lost the pruned zero pattern: {failed}", file=sys.stderr)
         return 1
@@ -64,8 +64,8 @@ def _read_edits(path: str):
 def _edit(args) -> int:
     import torch
 
-    from . import models
     from .adapters import save_adapter
+    from .assets import models
     from .edit import EditConfig, apply_edits, results_table
 
     edits, locality = _read_edits(args.edits)
@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="prune SmolLM2-135M, recover it with LoRS, check the merged sparsity",
                           description="Dense perplexity -> prune -> fine-tune with LoRS (gradient-SVD init) -> "
                                       "merge -> verify every merged weight keeps the pruned zeros.")
-    demo.add_argument("--quick", action="store_true", help="4 layers, short sequences, 8 steps (minutes on a CPU)")
+    demo.add_argument("--quick", action="store_true",
+                      help="8 steps of 64-token sequences, 16 held-out texts (minutes on a CPU); with --layers n, "
+                           "only the first n decoder layers")
     demo.add_argument("--compare", action="store_true", help="also run lora, sqft and spp with the same budget")
-    demo.add_argument("--method", default="lors", choices=METHODS)
+    demo.add_argument("--method", default="lors", choices=method_names())
     demo.add_argument("--sparsity", default="2:4", help="'N:M' or a fraction (default 2:4)")
     demo.add_argument("--pruner", default="wanda", choices=("wanda", "magnitude"))
     demo.add_argument("--steps", type=int)

@@ -13,10 +13,12 @@ STEPS = 3
 METHODS = list(sa.METHODS)
 
 
+# RoseLoRA prunes within the few steps: its schedule fields.
+EXTRA = {"roselora": dict(sparsity=0.5, t_init=0, t_final=2)}
+
+
 def config(method, init="zeros_B"):
-    if method == "roselora":
-        return sa.RoseLoraConfig(r=4, alpha=8, sparsity=0.5, t_init=0, t_final=2)
-    return sa.SparseLoraConfig(method=method, r=4, alpha=8, init=init)
+    return sa.config_for(method, r=4, alpha=8, init=init, **EXTRA.get(method, {}))
 
 
 def data():
@@ -26,7 +28,7 @@ def data():
 
 def train(model, x, target, method):
     """STEPS of SGD on (x, target); RoseLoRA's pruner after every step. Works on wrapped or sharded models."""
-    pruner = sa.RoseLoraPruner(model, total_steps=STEPS) if method == "roselora" else None
+    pruner = sa.RoseLoraPruner(model, total_steps=STEPS) if method in EXTRA else None
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(STEPS):
         opt.zero_grad()

@@ -14,9 +14,8 @@ METHODS = list(sa.METHODS)
 
 
 def config_for(method, **kw):
-    cls = sa.RoseLoraConfig if method == "roselora" else sa.SparseLoraConfig
     kw.setdefault("target_modules", "all-linear")
-    return cls(method=method, r=4, alpha=8, **kw)
+    return sa.config_for(method, r=4, alpha=8, **kw)
 
 
 def adapted(method, model_name, seed=0, **kw):

@@ -145,13 +145,12 @@ def test_trainer_bf16_every_method(tmp_path, method):
 
     torch.manual_seed(0)
     lm = prune_(tiny_llama(), "2:4")
-    config = (sa.RoseLoraConfig(r=4, sparsity=0.5, target_modules="all-linear") if method == "roselora"
-              else sa.SparseLoraConfig(method=method, r=4, alpha=8, target_modules="all-linear"))
+    config = sa.config_for(method, r=4, alpha=8, target_modules="all-linear")
     sa.inject(lm, config)
     zeros = {n: (layer.base_layer.weight == 0).clone() for n, layer in sa.adapter_layers(lm)}
     ids = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
-    callbacks = [sa.RoseLoraPruner(lm).trainer_callback()] if method == "roselora" else []
+    callbacks = [sa.RoseLoraPruner(lm).trainer_callback()] if isinstance(config, sa.RoseLoraConfig) else []
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
                                           learning_rate=2e-2, report_to=[], save_strategy="no", use_cpu=True,
                                           bf16=True, logging_steps=1, disable_tqdm=True)

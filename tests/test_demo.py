@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_adapt import cli, pipeline
+from sparse_adapt import cli
+from sparse_adapt.lm import perplexity
+from sparse_adapt.demo import run as demo_run
 from sparse_adapt.memory import SavedBytes
 from toy_models import tiny_llama
 
@@ -25,7 +27,7 @@ def test_perplexity_is_exp_of_the_mean_token_loss():
                                 reduction="none")
     expected = math.exp(token_nll.sum().item() / int((labels[:, 1:] != -100).sum()))
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    assert pipeline.perplexity(lm, [batch]) == pytest.approx(expected, rel=1e-6)
+    assert perplexity(lm, [batch]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_saved_bytes_counts_activations_not_parameters():
@@ -44,11 +46,11 @@ def test_zero_pattern_check():
     layer = lm.get_submodule(names[0])
     with torch.no_grad():
         layer.weight[:, ::2] = 0
-    masks = pipeline.pruned_masks(lm, names)
-    assert pipeline.zero_pattern_check(lm, masks) == (True, 0.0)
+    masks = demo_run.pruned_masks(lm, names)
+    assert demo_run.zero_pattern_check(lm, masks) == (True, 0.0)
     with torch.no_grad():
         layer.weight[0, 0] = 1.0
-    exact, filled = pipeline.zero_pattern_check(lm, masks)
+    exact, filled = demo_run.zero_pattern_check(lm, masks)
     assert not exact and filled == pytest.approx(1 / (layer.weight.numel() / 2))
 
 

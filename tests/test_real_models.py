@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sparse_adapt as sa
-from sparse_adapt import data, models
+from sparse_adapt.assets import models, text as data
 
 pytestmark = pytest.mark.slow
 

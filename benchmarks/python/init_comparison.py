@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sparse_adapt import pipeline
+from sparse_adapt import demo
+from sparse_adapt.demo.run import machine_description
 
 
 def main():
@@ -23,13 +24,13 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    make = pipeline.DemoSettings.quick if args.quick else pipeline.DemoSettings
+    make = demo.DemoSettings.quick if args.quick else demo.DemoSettings
     s = make(steps=args.steps, eval_every=args.eval_every, threads=args.threads, lr=args.lr, progress=False)
-    setup = pipeline.prepare(s)
+    setup = demo.prepare(s)
     results = {}
     for init in ("zeros_B", "gradient_svd"):
         torch.manual_seed(s.seed)
-        results[init] = pipeline.finetune(copy.deepcopy(setup.model), "lors", s, setup.train, setup.calibration,
+        results[init] = demo.finetune(copy.deepcopy(setup.model), "lors", s, setup.train, setup.calibration,
                                           setup.eval_batches, setup.masks, init=init)
     steps = [h["step"] for h in results["zeros_B"].history]
     lines = [
@@ -37,7 +38,7 @@ def main():
         "",
         f"SmolLM2-135M-Instruct (dequantized Q4_1), {s.pruner} {s.sparsity}; LoRS r={s.r}, alpha={s.alpha}, AdamW "
         f"lr {s.lr}, {s.steps} steps x {s.batch_size} x {s.seq_len} tokens of Wikipedia summaries, same seed and "
-        f"data; held-out perplexity on {s.eval_texts} other summaries. {pipeline.machine_description(s)}.",
+        f"data; held-out perplexity on {s.eval_texts} other summaries. {machine_description(s)}.",
         f"Dense {setup.dense_ppl:.2f}, pruned {setup.pruned_ppl:.2f}.",
         "",
         "| init | " + " | ".join(f"step {t}" for t in steps) + " |",

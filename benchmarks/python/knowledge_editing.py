@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from sparse_adapt import edit, models
+from sparse_adapt import edit
+from sparse_adapt.assets import models
 
 
 def main():

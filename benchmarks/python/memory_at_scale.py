@@ -32,7 +32,7 @@ CONFIGS = {
     "tiny": dict(name="tiny Llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=96),
 }
-METHODS = ["lora", "sqft", "sqft_gc", "spp", "spp_gc", "lors", "roselora"]
+METHODS = list(sa.method_names())
 
 
 class _FlashLike(torch.autograd.Function):
@@ -69,9 +69,7 @@ def build(spec, method, rank, dtype, device="meta"):
             for m in model.modules():
                 if isinstance(m, torch.nn.Linear):
                     m.weight.view(-1, 4)[:, :2] = 0
-    adapter = (sa.RoseLoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear") if method == "roselora"
-               else sa.SparseLoraConfig(method=method, r=rank, alpha=2 * rank, target_modules="all-linear"))
-    return sa.inject(model, adapter)
+    return sa.inject(model, sa.config_for(method, r=rank, alpha=2 * rank, target_modules="all-linear"))
 
 
 def saved_bytes(spec, method, rank, batch, tokens, dtype, device="meta"):

@@ -13,16 +13,9 @@ from pathlib import Path
 import torch
 
 import sparse_adapt as sa
-from sparse_adapt import data, models
+from sparse_adapt.assets import models, text as data
+from sparse_adapt.lm import lm_batches
 from sparse_adapt.training import kept_count
-
-
-def batches(tokenizer, texts, batch_size, length):
-    for i in range(0, len(texts) - batch_size + 1, batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", truncation=True, max_length=length,
-                        padding="max_length")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
 def main():
@@ -49,7 +42,7 @@ def main():
     pruner = sa.RoseLoraPruner(model, total_steps=args.steps)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr)
     train_texts, eval_texts = data.wiki_split(args.steps * args.batch_size, 16, seed=1)
-    eval_batches = list(batches(tokenizer, eval_texts, args.batch_size, args.length))
+    eval_batches = lm_batches(tokenizer, eval_texts, args.batch_size, args.length)
 
     @torch.no_grad()
     def held_out_loss():
@@ -62,7 +55,7 @@ def main():
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     losses, step_times, prune_times = [], [], []
-    for step, batch in enumerate(batches(tokenizer, train_texts, args.batch_size, args.length), 1):
+    for step, batch in enumerate(lm_batches(tokenizer, train_texts, args.batch_size, args.length), 1):
         batch = {k: v.to(args.device) for k, v in batch.items()}
         sync()
         t0 = time.perf_counter()

@@ -1,13 +1,12 @@
-"""Adapter configurations: dataclasses whose fields carry their help text, as PEFT's do."""
+"""Adapter configurations: dataclasses whose fields carry their help text, as PEFT's do. What is specific to a
+method (its inits, its config class, what its layers must satisfy) lives in its record (method.py)."""
 
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-METHODS = ("lora", "sqft", "sqft_gc", "spp", "spp_gc", "lors", "roselora")
-# Methods whose merged weight keeps the base weight's zeros exactly.
-SPARSITY_PRESERVING = frozenset({"sqft", "sqft_gc", "spp", "spp_gc", "lors"})
-INITS = ("zeros_B", "gaussian", "gradient_svd")
+from .method import INITS, get_method, method_names
+
 CLIP_KINDS = ("frobenius", "elementwise")
 
 
@@ -20,10 +19,8 @@ class SparseLoraConfig:
     """How `sa.inject` adapts a model."""
 
     method: str = field(default="lors", metadata=_help(
-        "lora: plain LoRA. sqft: autograd through W + s(BA)⊙M (keeps the merged weight for backward). sqft_gc: "
-        "the same under activation checkpointing. spp / spp_gc: SPP's ΔW = s·W ⊙ (repeat(A)·b), its official form "
-        "(spp_gc checkpoints the adapter branch, as SPP's code does by default). lors: the recompute op "
-        "masked_lora_linear. roselora: LoRA with row/column-sparse A and B (see RoseLoraConfig)."))
+        "The adaptation method, one of sa.method_names(): lora, sqft, sqft_gc, spp, spp_gc, lors, roselora (see "
+        "each method's record, sparse_adapt/adapters/builtin_methods.py)."))
     r: int = field(default=16, metadata=_help("Adapter rank. For spp/spp_gc, out_features must be divisible by r."))
     alpha: float = field(default=16.0, metadata=_help("Scale numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA)."))
     target_modules: Union[str, Sequence[str]] = field(default="all-linear", metadata=_help(
@@ -36,16 +33,15 @@ class SparseLoraConfig:
     init: str = field(default="zeros_B", metadata=_help(
         "zeros_B: kaiming-uniform A, zero B (LoRA's default). gaussian: A ~ N(0, 1/r²), zero B (PEFT's 'gaussian'). "
         "gradient_svd (LoRS): A = top-r right singular vectors of each weight's estimated first-step gradient, zero "
-        "B; needs calibration batches (sa.inject(..., calibration_batches=...)). spp/spp_gc always start from "
-        "SPP's own init (kaiming A, zero b)."))
+        "B; needs calibration batches (sa.inject(..., calibration_batches=...)). A method's record says which of "
+        "these it takes (spp/spp_gc: zeros_B only, SPP's own init)."))
     use_rslora: bool = field(default=False, metadata=_help("rsLoRA: scale = alpha / sqrt(r)."))
     exact_grad: bool = field(default=False, metadata=_help(
         "lors only: exact masked adapter gradients (forms an out x in gradient in backward) instead of LoRS's "
         "straight-through estimate."))
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        record = get_method(self.method)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -54,9 +50,9 @@ class SparseLoraConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.init == "gradient_svd" and self.method in ("spp", "spp_gc"):
-            raise ValueError("init='gradient_svd' sets lora_A from singular vectors; SPP's A is a row scaling, "
-                             "so spp/spp_gc take init='zeros_B'")
+        if self.init not in record.inits:
+            raise ValueError(f"init={self.init!r} is not one of method {self.method!r}'s inits {record.inits}"
+                             + (f": {record.inits_note}" if record.inits_note else ""))
         if isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("target_modules must not be empty")
@@ -64,8 +60,9 @@ class SparseLoraConfig:
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
-        if self.method == "roselora" and not isinstance(self, RoseLoraConfig):
-            raise ValueError("method='roselora' needs a RoseLoraConfig (sparsity, beta, schedule)")
+        if not isinstance(self, record.config_class):
+            raise ValueError(f"method={self.method!r} needs a {record.config_class.__name__} "
+                             f"(sa.config_for({self.method!r}, ...) makes one)")
 
     @property
     def scale(self) -> float:
@@ -73,7 +70,7 @@ class SparseLoraConfig:
 
     @property
     def preserves_sparsity(self) -> bool:
-        return self.method in SPARSITY_PRESERVING
+        return get_method(self.method).preserves_sparsity
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -83,9 +80,11 @@ class SparseLoraConfig:
     @staticmethod
     def from_dict(d: Dict[str, Any]) -> "SparseLoraConfig":
         d = dict(d)
-        cls = {"SparseLoraConfig": SparseLoraConfig, "RoseLoraConfig": RoseLoraConfig}.get(d.pop("config_class", None))
+        name = d.pop("config_class", None)
+        classes = {get_method(m).config_class.__name__: get_method(m).config_class for m in method_names()}
+        cls = classes.get(name)
         if cls is None:
-            raise ValueError("adapter_config.json names no known config_class")
+            raise ValueError(f"adapter_config.json names no known config_class ({name!r}; known: {sorted(classes)})")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -112,7 +111,7 @@ class RoseLoraConfig(SparseLoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method != "roselora":
+        if not issubclass(get_method(self.method).config_class, RoseLoraConfig):
             raise ValueError(f"RoseLoraConfig is for method='roselora', got {self.method!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")

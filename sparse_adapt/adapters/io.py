@@ -18,13 +18,15 @@ from torch import nn
 
 from ..distributed import assign_, barrier, full, rank
 from .config import SparseLoraConfig
-from .model import adapter_config, adapter_layers, inject
+from .layer import adapter_layers
+from .method import get_method
+from .model import adapter_config, inject
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "sparse_adapt"
 FORMAT_VERSION = 1
-STATE_NAMES = ("lora_A", "lora_B", "rose_score_A", "rose_score_B", "rose_step")
+FACTOR_NAMES = ("lora_A", "lora_B")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -59,9 +61,8 @@ def adapter_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Every tensor an adapter needs to be restored and resumed, keyed '<module>.<name>'."""
     state = {}
     for name, layer in adapter_layers(model):
-        for attr in STATE_NAMES:
-            if hasattr(layer, attr):
-                state[f"{name}.{attr}"] = getattr(layer, attr)
+        for attr in FACTOR_NAMES + layer.record.state_names:
+            state[f"{name}.{attr}"] = getattr(layer, attr)
     return state
 
 
@@ -153,7 +154,7 @@ def export_peft(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     """Write lora / roselora adapters in PEFT's LoRA format, loadable with ``peft.PeftModel.from_pretrained`` on
     the un-adapted base model (for inference). RoseLoRA's sparse A and B are stored as they are."""
     config = adapter_config(model)
-    if config.method not in ("lora", "roselora"):
+    if not get_method(config.method).exports_to_peft:
         raise ValueError(f"PEFT's LoRA format adds B @ A densely; it cannot express {config.method}'s update "
                          f"(merge it with sa.merge instead)")
     directory = Path(directory)

@@ -2,22 +2,16 @@
 
 import re
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ..distributed import unwrap
 from .config import SparseLoraConfig
-from .layer import SparseLoraLinear
-
-
-def adapter_layers(model: nn.Module) -> Iterator[Tuple[str, SparseLoraLinear]]:
-    """(qualified name, layer) of every adapter in the model, in module order; names are those of the model
-    inside any DDP / torch.compile wrapper, so they match a single process's."""
-    for name, module in unwrap(model).named_modules():
-        if isinstance(module, SparseLoraLinear):
-            yield name, module
+from .gradient_svd import gradient_svd_init_
+from .layer import SparseLoraLinear, adapter_layers
+from .method import get_method
 
 
 def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
@@ -65,13 +59,15 @@ def inject(model: nn.Module, config: SparseLoraConfig, calibration_batches=None,
                          f"{type(model).__name__}; some of its linear layers: {linear_names}")
     if config.init == "gradient_svd" and calibration_batches is None:
         raise ValueError("init='gradient_svd' needs calibration_batches: sa.inject(model, config, calibration_batches=...)")
+    record = get_method(config.method)
+    for name in targets:  # every layer is checked before any is replaced
+        weight = model.get_submodule(name).weight
+        record.check_layer(name, weight.shape[0], weight.shape[1], config.r)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
-        _set_submodule(model, name, SparseLoraLinear(model.get_submodule(name), config))
+        _set_submodule(model, name, SparseLoraLinear(model.get_submodule(name), config, name))
     if config.init == "gradient_svd":
-        from ..training.init import gradient_svd_init_
-
         gradient_svd_init_(model, calibration_batches, loss_fn)
     return model
 

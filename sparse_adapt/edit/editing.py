@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..adapters import RoseLoraConfig, SparseLoraConfig, adapter_layers, inject, merge
+from ..adapters import RoseLoraConfig, adapter_layers, config_for, get_method, inject, merge
 from ..progress import progress_bar
 from ..training import RoseLoraPruner
 from . import metrics
@@ -124,15 +124,13 @@ def _train(model, params, batch, steps, lr, after_step=None, desc="editing"):
 
 
 def _adapter_edit(model, config, batch) -> None:
-    if config.method == "roselora":
-        adapter = RoseLoraConfig(r=config.r, alpha=config.alpha, sparsity=config.sparsity, beta=0.8, t_init=0,
-                                 t_final=max(1, int(config.steps * 0.6)), target_modules=list(config.target_modules))
-    else:
-        adapter = SparseLoraConfig(method="lora", r=config.r, alpha=config.alpha,
-                                   target_modules=list(config.target_modules))
+    fields = dict(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules))
+    if issubclass(get_method(config.method).config_class, RoseLoraConfig):  # the pruning schedule of an edit
+        fields.update(sparsity=config.sparsity, beta=0.8, t_init=0, t_final=max(1, int(config.steps * 0.6)))
+    adapter = config_for(config.method, **fields)
     inject(model, adapter)
     params = [p for p in model.parameters() if p.requires_grad]
-    pruner = RoseLoraPruner(model, total_steps=config.steps) if config.method == "roselora" else None
+    pruner = RoseLoraPruner(model, total_steps=config.steps) if isinstance(adapter, RoseLoraConfig) else None
     _train(model, params, batch, config.steps, config.lr, pruner.step if pruner else None, f"{config.method} edit")
 
 

@@ -1,8 +1,9 @@
-"""Training utilities: LoRS's gradient-SVD init, RoseLoRA's pruner and schedule, the sparsity report."""
+"""Training utilities above the adapters: RoseLoRA's pruner and schedule, the sparsity report. (LoRS's
+gradient-SVD init is an adapter init, sparse_adapt.adapters.gradient_svd; re-exported here.)"""
 
-from .init import gradient_svd_init_
-from .pruner import RoseLoraPruner, kept_count, kept_fraction
+from ..adapters.gradient_svd import gradient_svd_init_
 from .report import SparsityReport, proposition1_bound, sparsity_report
+from .roselora import RoseLoraPruner, kept_count, kept_fraction
 
 __all__ = ["RoseLoraPruner", "SparsityReport", "gradient_svd_init_", "kept_count", "kept_fraction",
            "proposition1_bound", "sparsity_report"]

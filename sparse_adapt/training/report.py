@@ -7,7 +7,7 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from ..adapters.model import adapter_layers
+from ..adapters import adapter_layers
 
 
 def zero_fraction(t: Tensor, dim: int) -> Tensor:
@@ -54,8 +54,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     """Measured sparsity of every adapter (B @ A is formed one layer at a time) and its Proposition 1 bound."""
     report = SparsityReport()
     for name, layer in adapter_layers(model):
-        if layer.method in ("spp", "spp_gc"):
-            continue  # SPP's update is W ⊙ (repeat(A)·b): not a B @ A product
+        if not layer.record.lowrank_product:
+            continue  # e.g. SPP's update is W ⊙ (repeat(A)·b): not a B @ A product
         A, B = layer.lora_A.float(), layer.lora_B.float()
         rows, cols = zero_fraction(A, 1), zero_fraction(B, 0)
         delta = float(((B @ A) == 0).float().mean())

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..adapters.config import RoseLoraConfig
-from ..adapters.layer import SparseLoraLinear
-from ..adapters.model import adapter_layers
+from ..adapters import RoseLoraConfig, SparseLoraLinear, adapter_layers
 from ..distributed import assign_, full, is_sharded
 
 
@@ -43,7 +41,7 @@ class RoseLoraPruner:
 
     def __init__(self, model: nn.Module, total_steps: Optional[int] = None):
         self.layers: List[Tuple[str, SparseLoraLinear]] = [
-            (n, m) for n, m in adapter_layers(model) if m.method == "roselora"]
+            (n, m) for n, m in adapter_layers(model) if isinstance(m.config, RoseLoraConfig)]
         if not self.layers:
             raise ValueError("the model has no roselora adapters (inject with sa.RoseLoraConfig)")
         config = self.layers[0][1].config

@@ -1,14 +1,15 @@
 """LoRS's gradient-SVD initialisation: each lora_A from the top-r right singular vectors of its weight's
 estimated first-step gradient, lora_B = 0 (so the model is unchanged at step 0 and the first step moves each
-weight along the best rank-r approximation of its gradient)."""
+weight along the best rank-r approximation of its gradient). A data-driven init, so it sits beside the adapters it
+initialises (as PEFT's LoRA-GA and EVA do) and inject calls it for init='gradient_svd'."""
 
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..adapters.model import adapter_layers
 from ..distributed import all_reduce_mean_, assign_, full
+from .layer import adapter_layers
 
 Batch = Union[Tensor, Dict[str, Tensor]]
 

@@ -1,0 +1,182 @@
+"""The demo's work: load and prune the model, then fine-tune, merge and measure each method on the same budget."""
+
+import copy
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import distributed, prune
+from ..adapters import config_for, find_targets, get_method, inject, merge
+from ..assets import models, text
+from ..lm import lm_batches, perplexity, to_device
+from ..memory import SavedBytes
+from ..progress import progress_bar
+from .launch import data_parallel, init_distributed, local_rows
+from .settings import DemoSettings
+
+
+@dataclass
+class MethodResult:
+    method: str
+    init: str
+    history: List[Dict[str, float]] = field(default_factory=list)  # {"step", "ppl"} at the evaluation points
+    train_loss: List[float] = field(default_factory=list)
+    adapted_ppl: float = math.nan
+    merged_ppl: float = math.nan
+    step_seconds: float = math.nan
+    saved_bytes: int = 0
+    keeps_zeros: bool = False
+    filled_fraction: float = 0.0  # of the pruned zeros that the merge made non-zero
+
+
+@dataclass
+class DemoResult:
+    settings: DemoSettings
+    dense_ppl: float
+    pruned_ppl: float
+    prune_summary: str
+    methods: List[MethodResult]
+    machine: str
+    model_layers: int = 0  # decoder layers of the model as shipped (settings.layers may keep fewer)
+    adapted_modules: int = 0  # projections pruned and adapted
+
+
+def log(msg: str) -> None:
+    """One line per stage on stderr (rank 0 only): long runs show where they are even without progress bars."""
+    if distributed.rank() == 0:
+        print(f"[sparse_adapt] {msg}", file=sys.stderr, flush=True)
+
+
+def truncate_layers(model: nn.Module, layers: Optional[int]) -> nn.Module:
+    if layers is not None:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+    return model
+
+
+def pruned_masks(model: nn.Module, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    return {n: model.get_submodule(n).weight.detach() != 0 for n in names}
+
+
+def zero_pattern_check(model: nn.Module, masks: Dict[str, torch.Tensor]):
+    """(every merged weight has exactly the pruned zeros, fraction of pruned zeros the merge filled)."""
+    exact, filled, zeros = True, 0, 0
+    for name, keep in masks.items():
+        nonzero = model.get_submodule(name).weight.detach() != 0
+        exact &= bool(torch.equal(nonzero, keep))
+        filled += int((nonzero & ~keep).sum())
+        zeros += int((~keep).sum())
+    return exact, filled / max(zeros, 1)
+
+
+def method_config(method: str, s: DemoSettings, init: Optional[str] = None):
+    """Each method with the initialisation its paper uses (LoRS: gradient-SVD), unless `init` says otherwise."""
+    return config_for(method, r=s.r, alpha=s.alpha, init=init or get_method(method).preferred_init,
+                      target_modules="all-linear")
+
+
+def finetune(model: nn.Module, method: str, s: DemoSettings, train, calibration, eval_batches,
+             masks, init: Optional[str] = None) -> MethodResult:
+    config = method_config(method, s, init)
+    inject(model, config, calibration_batches=[to_device(local_rows(b), s.device) for b in calibration[:2]])
+    result = MethodResult(method, config.init)
+    trained = data_parallel(model, s.device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    result.history.append({"step": 0, "ppl": perplexity(model, eval_batches, s.device)})
+    times = []
+    model.train()
+    for step in progress_bar(range(1, s.steps + 1), f"fine-tune {method}", enabled=s.progress):
+        batch = to_device(local_rows(train[(step - 1) % len(train)]), s.device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if step == 1:
+            with SavedBytes([*model.parameters(), *model.buffers()]) as saved:
+                loss = trained(**batch, use_cache=False).loss
+            result.saved_bytes = saved.total
+        else:
+            loss = trained(**batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        if s.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        result.train_loss.append(loss.item())
+        if step % s.eval_every == 0 or step == s.steps:
+            result.history.append({"step": step, "ppl": perplexity(model, eval_batches, s.device)})
+            log(f"{method} step {step}: loss {loss.item():.3f}, held-out perplexity {result.history[-1]['ppl']:.2f}")
+    result.step_seconds = statistics.median(times[1:] or times)  # the first step also counts saved bytes
+    result.adapted_ppl = result.history[-1]["ppl"]
+    merge(model)
+    result.keeps_zeros, result.filled_fraction = zero_pattern_check(model, masks)
+    result.merged_ppl = perplexity(model, eval_batches, s.device)
+    log(f"{method} merged: perplexity {result.merged_ppl:.2f}, zero pattern "
+        f"{'exactly kept' if result.keeps_zeros else f'lost ({100 * result.filled_fraction:.1f}% filled)'}")
+    return result
+
+
+@dataclass
+class PrunedSetup:
+    """The pruned model and the data every method is fine-tuned and measured on."""
+
+    model: nn.Module
+    train: List[Dict[str, torch.Tensor]]
+    calibration: List[Dict[str, torch.Tensor]]
+    eval_batches: List[Dict[str, torch.Tensor]]
+    masks: Dict[str, torch.Tensor]
+    dense_ppl: float
+    pruned_ppl: float
+    prune_summary: str
+    model_layers: int
+
+
+def prepare(s: DemoSettings) -> PrunedSetup:
+    """Load the model and the text, measure the dense perplexity, prune, measure again."""
+    init_distributed(s.device)
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(s.threads)
+    model, tokenizer = models.load_smollm2()
+    model_layers = model.config.num_hidden_layers
+    model = truncate_layers(model, s.layers).to(s.device)
+    n_train = s.steps * s.batch_size
+    train_texts, eval_texts = text.wiki_split(n_train + s.calibration_texts, s.eval_texts, seed=s.seed)
+    train = lm_batches(tokenizer, train_texts[:n_train], s.batch_size, s.seq_len)
+    calibration = lm_batches(tokenizer, train_texts[n_train:], s.batch_size, s.seq_len)
+    eval_batches = lm_batches(tokenizer, eval_texts, s.batch_size, s.seq_len)
+
+    dense_ppl = perplexity(model, eval_batches, s.device)
+    log(f"dense perplexity {dense_ppl:.2f}; pruning ({s.pruner} {s.sparsity})")
+    if s.pruner == "wanda":
+        report = prune.wanda_(model, [to_device(b, s.device) for b in calibration], s.sparsity, progress=s.progress)
+    elif s.pruner == "magnitude":
+        report = prune.magnitude_(model, s.sparsity, progress=s.progress)
+    else:
+        raise ValueError(f"pruner must be 'wanda' or 'magnitude', got {s.pruner!r}")
+    masks = pruned_masks(model, find_targets(model, "all-linear"))
+    pruned_ppl = perplexity(model, eval_batches, s.device)
+    log(f"{report.summary()}; pruned perplexity {pruned_ppl:.2f}")
+    return PrunedSetup(model, train, calibration, eval_batches, masks, dense_ppl, pruned_ppl, report.summary(),
+                       model_layers)
+
+
+def machine_description(s: DemoSettings) -> str:
+    machine = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"CPU, {s.threads} thread(s)"
+    world = distributed.world_size()
+    return f"{machine}{f' x {world} processes (DDP)' if world > 1 else ''}, torch {torch.__version__}"
+
+
+def run_demo(s: DemoSettings) -> DemoResult:
+    setup = prepare(s)
+    results = []
+    for i, method in enumerate(s.methods):
+        # each method starts from the same pruned model; the last one may consume it
+        candidate = setup.model if i == len(s.methods) - 1 else copy.deepcopy(setup.model)
+        torch.manual_seed(s.seed)
+        results.append(finetune(candidate, method, s, setup.train, setup.calibration, setup.eval_batches, setup.masks))
+    return DemoResult(s, setup.dense_ppl, setup.pruned_ppl, setup.prune_summary, results, machine_description(s),
+                      setup.model_layers, len(setup.masks))
