@@ -5,7 +5,8 @@
 #   make demo        the main job: prune SmolLM2-135M (2:4 Wanda), recover it with LoRS and the baselines,
 #                    merge, verify the zeros; writes out/demo/report.md and perplexity.png (~20 min on 2 CPU cores)
 #   make demo-quick  the same in a few minutes (fewer steps, shorter sequences)
-#   make test        build everything (Python extension + C++ tests via CMake) and run all tests
+#   make test        lint, build everything (Python extension + C++ tests via CMake) and run all tests
+#   make lint        ruff and clang-format, as configured in the repository (make format applies them)
 #   make build       (re)build the extension in place; incremental
 #   make cpp         build and run the C++ tests with CMake against the same torch (CPU; the CUDA kernels' code runs
 #                    there too, under an emulator with ASan and TSan)
@@ -31,7 +32,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.sparse_adapt-env
 
-.PHONY: demo demo-quick test build cpp sass gpu-check bench clean
+.PHONY: demo demo-quick test lint format build cpp sass gpu-check bench clean
 
 $(STAMP): requirements-dev.txt requirements-data.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +48,19 @@ build: $(STAMP)
 cpp: $(STAMP)
 	PYTHON=$(PY) scripts/cmake-build.sh build/cmake
 
-test: build cpp
+test: lint build cpp
 	$(PY) -m pytest -q
+
+# ruff (pyproject.toml) on the Python, clang-format (.clang-format) on the C++/CUDA; both pinned in
+# requirements-dev.txt. `make format` applies them.
+CXX_SOURCES = $$(find csrc tests/cpp benchmarks/cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 sass: build
 	$(PY) benchmarks/cuda_static.py --check

@@ -11,6 +11,7 @@ Switches (environment variables):
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -32,12 +33,23 @@ def _env_switch(name, allowed, default):
     return value
 
 
-def _prefer_real_cuda_home():
-    # /usr/local/bin/nvcc may be a wrapper script; torch then guesses CUDA_HOME=/usr/local and the link fails
-    # with `cannot find -lcudart`. Point at the toolkit itself before torch.utils.cpp_extension reads it.
-    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
-        if os.path.exists("/usr/local/cuda/bin/nvcc"):
-            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+def _is_toolkit(path):
+    return path is not None and os.path.exists(os.path.join(path, "bin", "nvcc")) and os.path.exists(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def _check_cuda_home():
+    """Without CUDA_HOME, torch takes the toolkit to be the directory above the first nvcc on the PATH. Where that
+    nvcc is a wrapper script (/usr/local/bin/nvcc -> the real one), that directory is no toolkit and the link fails
+    with `cannot find -lcudart`. Only then, and only if /usr/local/cuda is a toolkit, use that -- and say so."""
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ:
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+    if not _is_toolkit(guess) and _is_toolkit("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+        _log(f"the nvcc on the PATH ({nvcc}) is not inside a CUDA toolkit; using CUDA_HOME=/usr/local/cuda "
+             f"(set CUDA_HOME to choose another)")
 
 
 def _want_cuda(torch, cuda_home):
@@ -63,7 +75,7 @@ def _extensions():
     if _env_switch("SPARSE_ADAPT_NATIVE", ("0", "1"), "1") == "0":
         _log("SPARSE_ADAPT_NATIVE=0: skipping the native build")
         return [], {}
-    _prefer_real_cuda_home()
+    _check_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
@@ -81,7 +93,8 @@ def _extensions():
         "cxx": opt + ["-DPy_LIMITED_API=0x030A0000", "-fdiagnostics-color=always"],
     }
     if with_cuda:
-        sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")) + glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
+        cuda_dir = os.path.join(csrc, "cuda")
+        sources += sorted(glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cpp")))
         extra["cxx"].append("-DSPARSE_ADAPT_WITH_CUDA")
         # No --use_fast_math: it flushes denormals to zero, and a denormal weight must stay non-zero.
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):

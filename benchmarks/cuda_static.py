@@ -32,7 +32,8 @@ MEMORY_OP = re.compile(r"^((?:LDG|STG|LDS|STS|LDL|STL|LDSM|ATOMS|ATOMG|RED)(?:\.
 # The merge's 16-byte kernels (kVector = true) without an explicit mask are LoRS's path; with a mask they keep 8 more
 # registers and may spill a few bytes under the 128-register cap, which is reported, not required.
 EXPECTED = [
-    ("sm_90", "masked_merge_kernel<c10::BFloat16, c10::BFloat16, float, true, false>", "ldg128 stg128 streaming nospill"),
+    ("sm_90", "masked_merge_kernel<c10::BFloat16, c10::BFloat16, float, true, false>",
+     "ldg128 stg128 streaming nospill"),
     ("sm_90", "masked_merge_kernel<float, c10::BFloat16, float, true, false>", "ldg128 stg128 streaming nospill"),
     ("sm_90", "masked_merge_kernel<float, float, float, true, false>", "ldg128 stg128 streaming nospill"),
     ("sm_90", "masked_merge_kernel<c10::BFloat16, c10::BFloat16, float, true, true>", "ldg128 stg128 streaming"),

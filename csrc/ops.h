@@ -23,18 +23,18 @@ namespace sparse_adapt {
 // float32 and out float16/bfloat16 (see merge_reads_natively). `out` may be `weight` itself (in place): each
 // element is read before it is written, by the same thread.
 using MergeLauncher = void (*)(
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-    const at::Tensor& mask, const at::Tensor& out);
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, const at::Tensor& mask,
+    const at::Tensor& out);
 
 // Whether the kernels read a weight of dtype `weight` and write `out` directly; other pairs are converted first.
 bool merge_reads_natively(at::ScalarType weight, at::ScalarType out);
 
 at::Tensor masked_merge(
-    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype);
+    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype);
 void masked_merge_(
-    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask);
+    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask);
 
 // ---- ema_topk_ / ema_topk_multi_ -----------------------------------------------------------------------------
 // Entry i of slice j of a matrix is at j * slice_stride + i * elem_stride of its param, grad and score.
@@ -64,8 +64,8 @@ void ema_topk_multi_(
 // (grad_A, grad_B) of merged w.r.t. lora_A, lora_B given grad (out, in) of merged; output_mask = (A, B). Each
 // gradient has its factor's dtype.
 std::tuple<at::Tensor, at::Tensor> masked_merge_backward(
-    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask);
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask);
 
 // compute_dtype: the dtype x is in and the output is computed in (mixed precision: weight, lora_A, lora_B and bias
 // may then be stored in other floating dtypes); nullopt: every operand has weight's dtype.

@@ -13,8 +13,7 @@ TORCH_LIBRARY(sparse_adapt, m) {
       "ScalarType? out_dtype=None) -> Tensor",
       tags);
   // The same, in place: merge, or unmerge with -scale. Never turns a zero of M into a non-zero.
-  m.def(
-      "masked_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? mask=None) -> ()", tags);
+  m.def("masked_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? mask=None) -> ()", tags);
   // (grad_lora_A, grad_lora_B) of masked_merge; output_mask = which of the two to compute.
   m.def(
       "masked_merge_backward(Tensor grad, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? mask, "

@@ -22,7 +22,6 @@ what a CPU can (tests/test_gpu_check.py runs it, so the script cannot rot).
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -120,8 +119,9 @@ def run_step(step, commands, env, log, deadline):
         log.write(f"\n===== {step.name}: {cmd}\n")
         log.flush()
         try:
+            left = max(1, step.timeout - (time.time() - t0))
             proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=max(1, step.timeout - (time.time() - t0)))
+                                  stderr=subprocess.STDOUT, text=True, timeout=left)
             step.log += proc.stdout
             log.write(proc.stdout)
             if proc.returncode != 0:

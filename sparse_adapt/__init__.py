@@ -10,9 +10,28 @@ import importlib
 
 from . import ops, prune, reference
 from ._native import has_cuda_kernels
-from .adapters import (METHODS, Method, RoseLoraConfig, SparseLoraConfig, SparseLoraLinear, TrainableParameters,
-                       adapter_layers, config_for, export_peft, get_method, gradient_svd_init_, inject, load_adapter,
-                       merge, method_names, register_method, save_adapter, trainable_parameters, unload, unmerge)
+from .adapters import (
+    METHODS,
+    Method,
+    RoseLoraConfig,
+    SparseLoraConfig,
+    SparseLoraLinear,
+    TrainableParameters,
+    adapter_layers,
+    config_for,
+    export_peft,
+    get_method,
+    gradient_svd_init_,
+    inject,
+    load_adapter,
+    merge,
+    method_names,
+    register_method,
+    save_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
 from .ops import ema_topk_, ema_topk_multi_, masked_lora_linear, masked_merge, masked_merge_
 from .training import RoseLoraPruner, sparsity_report
 

@@ -54,7 +54,7 @@ def _read_edits(path: str):
                 d = json.loads(line)
                 edits.append(Edit.from_dict(d))
             except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-                raise SystemExit(f"{path}:{n}: {e}")
+                raise SystemExit(f"{path}:{n}: {e}") from None
             locality += d.get("locality", [])
     if not edits:
         raise SystemExit(f"{path}: no edits")

@@ -5,58 +5,29 @@ without running it, and differentiable ops get autograd whose backward is itself
 traces too. ``sparse_adapt.reference`` holds the pure-PyTorch definitions the kernels are tested against.
 """
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _native  # noqa: F401  (registers the ops)
+from ._checks import (
+    check_ema_topk_operands,
+    check_floating,
+    check_floating_dtype,
+    check_like,
+    check_linear_input,
+    check_lora_operands,
+    fail_unless,
+    shape_str,
+)
 
 _ops = torch.ops.sparse_adapt
 
 
-# ---------------------------------------------------------------------------------------------------- checks
-# The C++ kernels check their arguments themselves; the fakes repeat the shape checks so that a traced model
-# fails with the same message at compile time rather than with a shape error deep inside the graph.
-
-
-def _check(op: str, cond: bool, msg: str) -> None:
-    torch._check(cond, lambda: f"sparse_adapt.{op}: {msg}")
-
-
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _check_lora_operands(op: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-                         mask: Optional[Tensor], mixed: bool = False) -> None:
-    _check(op, weight.dtype in _FLOATING, f"weight must be float32, float64, float16 or bfloat16, got {weight.dtype}")
-    _check(op, math.isfinite(scale), f"scale must be finite, got {scale}")
-    _check(op, weight.dim() == 2, f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    _check(op, lora_A.dim() == 2, f"lora_A must be 2-D (r, in), got shape {tuple(lora_A.shape)}")
-    _check(op, lora_B.dim() == 2, f"lora_B must be 2-D (out, r), got shape {tuple(lora_B.shape)}")
-    out, in_ = weight.shape
-    r = lora_A.shape[0]
-    _check(op, out > 0 and in_ > 0, f"weight is empty, shape {tuple(weight.shape)}; there is nothing to adapt")
-    _check(op, r > 0, f"lora_A has rank 0 (shape {tuple(lora_A.shape)}); the rank r must be >= 1")
-    _check(op, lora_A.shape[1] == in_, f"lora_A must have shape (r, {in_}) to match weight, got {tuple(lora_A.shape)}")
-    _check(op, tuple(lora_B.shape) == (out, r), f"lora_B must have shape ({out}, {r}), got {tuple(lora_B.shape)}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        _check_like(op, name, t, weight, any_dtype=mixed)
-    if mask is not None:
-        _check(op, mask.dtype == torch.bool, f"mask must be a bool tensor, got dtype {mask.dtype}")
-        _check(op, mask.shape == weight.shape, f"mask must have weight's shape {tuple(weight.shape)}")
-        _check(op, mask.device == weight.device, f"mask is on {mask.device} but weight is on {weight.device}")
-
-
-def _check_like(op: str, name: str, t: Tensor, ref: Tensor, any_dtype: bool = False, ref_name: str = "weight") -> None:
-    _check(op, t.device == ref.device, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    _check(op, any_dtype or t.dtype == ref.dtype, f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
-
-
-def _check_dtype(op: str, name: str, dtype: torch.dtype) -> None:
-    _check(op, dtype in _FLOATING, f"{name} must be float32, float64, float16 or bfloat16, got {dtype}")
-
+# The C++ kernels check their arguments themselves; the fakes run the same checks (_checks.py mirrors
+# csrc/common/checks.cpp), so that a traced model fails at compile time with the kernels' own message rather than
+# with a shape error deep inside the graph.
 
 def _empty(like: Tensor) -> Tensor:
     """What a backward op returns for a gradient it was not asked for."""
@@ -85,21 +56,25 @@ def masked_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, 
 
 @torch.library.register_fake("sparse_adapt::masked_merge")
 def _masked_merge_fake(weight, lora_A, lora_B, scale, mask=None, out_dtype=None):
-    _check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask, mixed=out_dtype is not None)
+    check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask, mixed=out_dtype is not None)
     if out_dtype is not None:
-        _check_dtype("masked_merge", "out_dtype", out_dtype)
+        check_floating_dtype("masked_merge", "out_dtype", out_dtype)
     return torch.empty_like(weight, dtype=out_dtype or weight.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("sparse_adapt::masked_merge_")
 def _masked_merge_inplace_fake(weight, lora_A, lora_B, scale, mask=None):
-    _check_lora_operands("masked_merge_", weight, lora_A, lora_B, scale, mask)
+    check_lora_operands("masked_merge_", weight, lora_A, lora_B, scale, mask)
 
 
 @torch.library.register_fake("sparse_adapt::masked_merge_backward")
 def _masked_merge_backward_fake(grad, weight, lora_A, lora_B, scale, mask, output_mask):
-    _check_lora_operands("masked_merge_backward", weight, lora_A, lora_B, scale, mask, mixed=True)
-    _check("masked_merge_backward", grad.shape == weight.shape, "grad must have weight's shape")
+    op = "masked_merge_backward"
+    check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=True)
+    check_floating(op, "grad", grad)
+    check_like(op, "grad", grad, "weight", weight, any_dtype=True)
+    fail_unless(grad.shape == weight.shape, op, "grad must have weight's shape ", shape_str(weight), ", got ",
+                shape_str(grad))
     need_A, need_B = output_mask
     return (lora_A.new_empty(lora_A.shape) if need_A else _empty(lora_A),
             lora_B.new_empty(lora_B.shape) if need_B else _empty(lora_B))
@@ -159,25 +134,11 @@ def masked_lora_linear(
                                            compute_dtype)
 
 
-def _check_linear_input(op, x, bias, weight, compute_dtype):
-    _check(op, x.dim() >= 1 and x.shape[-1] == weight.shape[1],
-           f"x must have shape (..., {weight.shape[1]}) to match weight, got {tuple(x.shape)}")
-    if compute_dtype is None:
-        _check_like(op, "x", x, weight)
-    else:
-        _check_dtype(op, "compute_dtype", compute_dtype)
-        _check_like(op, "x", x, weight, any_dtype=True)
-        _check(op, x.dtype == compute_dtype, f"x has dtype {x.dtype} but compute_dtype is {compute_dtype}")
-    if bias is not None:
-        _check(op, tuple(bias.shape) == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},)")
-        _check_like(op, "bias", bias, weight, any_dtype=compute_dtype is not None)
-
-
 @torch.library.register_fake("sparse_adapt::masked_lora_linear")
 def _masked_lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, mask=None, exact_grad=False, compute_dtype=None):
     op = "masked_lora_linear"
-    _check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=compute_dtype is not None)
-    _check_linear_input(op, x, bias, weight, compute_dtype)
+    check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=compute_dtype is not None)
+    check_linear_input(op, x, bias, weight, compute_dtype)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -185,8 +146,14 @@ def _masked_lora_linear_fake(x, weight, bias, lora_A, lora_B, scale, mask=None, 
 def _masked_lora_linear_backward_fake(grad_out, x, weight, lora_A, lora_B, scale, mask, exact_grad, output_mask,
                                       compute_dtype=None):
     op = "masked_lora_linear_backward"
-    _check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=compute_dtype is not None)
-    _check_linear_input(op, x, None, weight, compute_dtype)
+    check_lora_operands(op, weight, lora_A, lora_B, scale, mask, mixed=compute_dtype is not None)
+    check_linear_input(op, x, None, weight, compute_dtype)
+    check_floating(op, "grad_out", grad_out)
+    check_like(op, "grad_out", grad_out, "x", x)
+    expected = [*x.shape[:-1], weight.shape[0]]
+    fail_unless(list(grad_out.shape) == expected, op, "grad_out must have shape (..., out) = [",
+                ", ".join(str(d) for d in expected), "] to match x ", shape_str(x), " and weight ", shape_str(weight),
+                ", got ", shape_str(grad_out))
     need_x, need_w, need_bias, need_A, need_B = output_mask
     grads = (
         (x, (*grad_out.shape[:-1], weight.shape[1]) if need_x else None),
@@ -244,24 +211,9 @@ def ema_topk_(param: Tensor, grad: Tensor, score: Tensor, beta: float, k: int, d
         _ops.ema_topk_.default(param, grad, score, float(beta), int(k), int(dim))
 
 
-def _check_ema_topk_operands(op, param, grad, score, beta, k, dim, index=""):
-    p, g, sc = ("param", "grad", "score") if not index else (f"params{index}", f"grads{index}", f"scores{index}")
-    _check(op, param.dtype in _FLOATING, f"{p} must be float32, float64, float16 or bfloat16, got {param.dtype}")
-    _check(op, param.dim() == 2, f"{p} must be 2-D, got shape {tuple(param.shape)}")
-    _check(op, grad.shape == param.shape, f"{g} must have {p}'s shape {tuple(param.shape)}")
-    _check_like(op, g, grad, param, ref_name=p)
-    _check(op, score.dtype == torch.float32, f"{sc} must be float32 (it accumulates an EMA), got {score.dtype}")
-    _check(op, score.shape == param.shape, f"{sc} must have {p}'s shape {tuple(param.shape)}")
-    _check(op, score.device == param.device, f"{sc} is on {score.device} but {p} is on {param.device}")
-    _check(op, -2 <= dim <= 1, f"dim must be 0 (per column) or 1 (per row) of the 2-D {p}, got {dim}")
-    _check(op, 0.0 <= beta <= 1.0, f"beta must be in [0, 1], got {beta}")
-    n = param.shape[dim]
-    _check(op, 0 <= k <= n, f"k must be in [0, {n}], got {k}")
-
-
 @torch.library.register_fake("sparse_adapt::ema_topk_")
 def _ema_topk_fake(param, grad, score, beta, k, dim):
-    _check_ema_topk_operands("ema_topk_", param, grad, score, beta, k, dim)
+    check_ema_topk_operands("ema_topk_", param, grad, score, beta, k, dim)
 
 
 def ema_topk_multi_(params: Sequence[Tensor], grads: Sequence[Tensor], scores: Sequence[Tensor], beta: float,
@@ -278,8 +230,8 @@ def ema_topk_multi_(params: Sequence[Tensor], grads: Sequence[Tensor], scores: S
 def _ema_topk_multi_fake(params, grads, scores, beta, ks, dims):
     op = "ema_topk_multi_"
     n = len(params)
-    _check(op, len(grads) == n and len(scores) == n and len(ks) == n and len(dims) == n,
-           f"params, grads, scores, ks and dims must have one entry per matrix, got {n}, {len(grads)}, "
-           f"{len(scores)}, {len(ks)} and {len(dims)}")
+    fail_unless(len(grads) == n and len(scores) == n and len(ks) == n and len(dims) == n, op,
+                "params, grads, scores, ks and dims must have one entry per matrix, got ", n, ", ", len(grads), ", ",
+                len(scores), ", ", len(ks), " and ", len(dims), value_error=True)
     for i in range(n):
-        _check_ema_topk_operands(op, params[i], grads[i], scores[i], beta, ks[i], dims[i], f"[{i}]")
+        check_ema_topk_operands(op, params[i], grads[i], scores[i], beta, ks[i], dims[i], i)

@@ -21,7 +21,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_ONLY)]
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if any(m.name == "skipif" and "needs a CUDA GPU" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
+        skips = [m for m in item.iter_markers() if m.name == "skipif"]
+        if any("needs a CUDA GPU" in str(m.kwargs.get("reason", "")) for m in skips):
             item.add_marker(pytest.mark.cuda)
 
 

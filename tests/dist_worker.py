@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import sparse_adapt as sa
+
 from toy_models import make_model
 
 STEPS = 3
@@ -42,7 +43,8 @@ def reference(method, out_dir, init="zeros_B"):
     """One process, the combined batch."""
     model, _ = make_model("attention")
     x, target = data()
-    sa.inject(model, config(method, init), calibration_batches=[x], loss_fn=lambda m, b: (m(b) - target).square().mean())
+    sa.inject(model, config(method, init), calibration_batches=[x],
+              loss_fn=lambda m, b: (m(b) - target).square().mean())
     train(model, x, target, method)
     sa.save_adapter(model, out_dir)
 

@@ -19,7 +19,8 @@ def nm_mask(out: int, in_: int, n: int, m: int, generator: torch.Generator) -> T
     return mask.reshape(out, in_)
 
 
-def sparse_weight(out: int, in_: int, sparsity: float, generator: torch.Generator, pattern: str = "unstructured") -> Tensor:
+def sparse_weight(out: int, in_: int, sparsity: float, generator: torch.Generator,
+                  pattern: str = "unstructured") -> Tensor:
     """A float32 weight whose zeros are the pruned entries (pattern "unstructured" or "2:4")."""
     w = torch.randn(out, in_, generator=generator)
     if pattern == "2:4":
@@ -104,4 +105,4 @@ def assert_grads_match_reference(fn, ref_fn, inputs, wrt, seed: int = 1):
         else:
             tol = 1e-10 if g.dtype == torch.float64 else 5e-5
             torch.testing.assert_close(g.double(), ref, rtol=tol, atol=tol * max(1.0, absmax(ref)),
-                                       msg=lambda m: f"{name}: {m}")
+                                       msg=lambda m, name=name: f"{name}: {m}")

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_adapters import adapted, config_for, train_steps
 
 import sparse_adapt as sa
 from sparse_adapt.adapters.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state
-from test_adapters import adapted, config_for, train_steps
+
 from toy_models import make_model
 
 

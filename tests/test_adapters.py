@@ -8,6 +8,7 @@ from torch import nn
 
 import sparse_adapt as sa
 from sparse_adapt.adapters import SPARSITY_PRESERVING
+
 from toy_models import MODELS, make_model
 
 METHODS = list(sa.METHODS)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparse_adapt"
 
 LAYERS = [
-    {"_native", "ops", "reference", "distributed", "memory", "progress"},
+    {"_native", "_checks", "ops", "reference", "distributed", "memory", "progress"},
     {"adapters"},
     {"training", "prune"},
     {"lm", "assets"},
@@ -113,7 +113,8 @@ def test_no_import_circles():
 @pytest.mark.parametrize("absent", ["sparse_adapt.demo", "sparse_adapt.edit", "sparse_adapt.assets", "transformers"])
 def test_import_sparse_adapt_loads_no_application(absent):
     code = f"import sys, sparse_adapt; sys.exit(int({absent!r} in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, f"import sparse_adapt loaded {absent}"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode
+    assert loaded == 0, f"import sparse_adapt loaded {absent}"
 
 
 def test_applications_load_on_first_use():

@@ -7,6 +7,7 @@ import torch
 
 import sparse_adapt as sa
 from sparse_adapt import reference
+
 from helpers import absmax, lora_operands, lowprec_slack
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]

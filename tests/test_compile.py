@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sparse_adapt as sa
+
 from helpers import lora_operands
 
 

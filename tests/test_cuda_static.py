@@ -42,7 +42,8 @@ def test_check_catches_a_missing_property(report):
     """The check is not vacuous: a kernel whose stores were 2 bytes wide fails it."""
     doctored = json.loads(json.dumps(report))
     for k in doctored["kernels"]:
-        if k["arch"] == "sm_90" and k["kernel"] == "masked_merge_kernel<c10::BFloat16, c10::BFloat16, float, true, false>":
+        merge_bf16 = "masked_merge_kernel<c10::BFloat16, c10::BFloat16, float, true, false>"
+        if k["arch"] == "sm_90" and k["kernel"] == merge_bf16:
             k["global_stores"] = {"2": 8}
     assert any("stg128" in f for f in cuda_static.check(doctored))
 

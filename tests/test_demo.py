@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from sparse_adapt import cli
-from sparse_adapt.lm import perplexity
 from sparse_adapt.demo import run as demo_run
+from sparse_adapt.lm import perplexity
 from sparse_adapt.memory import SavedBytes
+
 from toy_models import tiny_llama
 
 

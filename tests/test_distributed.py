@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import sparse_adapt as sa
+
 import dist_worker
 from toy_models import make_model
 
@@ -38,7 +39,7 @@ def assert_same_adapter(directory, reference, exact_zeros):
     got, want = load_file(directory / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     assert set(got) == set(want)
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
         if exact_zeros:
             assert torch.equal(got[key] == 0, want[key] == 0), f"{key}: the mask differs from one process's"
     assert (directory / "adapter_config.json").read_text() == (reference / "adapter_config.json").read_text()

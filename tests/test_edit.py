@@ -13,7 +13,8 @@ from sparse_adapt.edit import metrics
 
 
 def test_ngram_entropy_and_fluency_by_hand():
-    assert metrics.ngram_entropy("a b a b", 2) == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    expected = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
+    assert metrics.ngram_entropy("a b a b", 2) == pytest.approx(expected)
     assert metrics.ngram_entropy("x x x x", 2) == 0.0  # one repeated bigram: no entropy
     assert metrics.ngram_entropy("one", 2) == 0.0
     # four distinct bigrams (2 bits), three distinct trigrams (log2 3 bits): (2/3·2 + 4/3·log2 3) / 2

@@ -3,7 +3,8 @@ non-contiguous tensors, every dtype, long and short slices, opcheck, compile, an
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sparse_adapt as sa
 from sparse_adapt import reference
@@ -172,7 +173,8 @@ def test_multi_checks_every_matrix_before_changing_any(device):
     params, grads, scores, ks, dims = _matrices([(4, 10, 1, 3, torch.float32)] * 5, device)
     before = [t.clone() for t in params + scores]
     ks[3] = 11  # > n for the fourth matrix
-    with pytest.raises(ValueError, match=r"sparse_adapt.ema_topk_multi_: k must be in \[0, 10\] \(the length of params\[3\]"):
+    message = r"sparse_adapt.ema_topk_multi_: k must be in \[0, 10\] \(the length of params\[3\]"
+    with pytest.raises(ValueError, match=message):
         sa.ema_topk_multi_(params, grads, scores, 0.8, ks, dims)
     assert all(torch.equal(a, b) for a, b in zip(params + scores, before))
     scores[2] = scores[2].double()

@@ -1,11 +1,13 @@
-"""Every bad input of SPEC's list raises a clear error naming the argument -- eagerly and under fake tensors
-(what torch.compile traces with) -- and nothing crashes."""
+"""Every bad input of the op contract (docs/ops.md) raises a clear error naming the argument -- eagerly and under
+fake tensors (what torch.compile traces with), with the same exception type and the same message -- and nothing
+crashes."""
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparse_adapt as sa
@@ -19,7 +21,8 @@ CORRUPTIONS = {
     "lora_A_in": (lambda a: a.update(lora_A=torch.cat([a["lora_A"], a["lora_A"][:, :1]], 1)), "lora_A must have shape"),
     "lora_A_1d": (lambda a: a.update(lora_A=a["lora_A"][0]), "lora_A must be 2-D"),
     "lora_B_out": (lambda a: a.update(lora_B=torch.cat([a["lora_B"], a["lora_B"][:1]], 0)), "lora_B must have shape"),
-    "lora_B_rank": (lambda a: a.update(lora_B=torch.cat([a["lora_B"], a["lora_B"][:, :1]], 1)), "lora_B must have shape"),
+    "lora_B_rank": (lambda a: a.update(lora_B=torch.cat([a["lora_B"], a["lora_B"][:, :1]], 1)),
+                    "lora_B must have shape"),
     "rank_0": (lambda a: a.update(lora_A=a["lora_A"][:0], lora_B=a["lora_B"][:, :0]), "rank"),
     "lora_A_dtype": (lambda a: a.update(lora_A=a["lora_A"].double()), "lora_A has dtype"),
     "lora_B_dtype": (lambda a: a.update(lora_B=a["lora_B"].half()), "lora_B has dtype"),
@@ -68,11 +71,18 @@ def test_bad_input_raises_naming_the_argument(op, name, out, in_, r, lead):
     corrupt(args)
     with pytest.raises((RuntimeError, ValueError), match=expected) as info:
         call(op, args)
-    assert f"sparse_adapt.{op}" in str(info.value)
+    assert str(info.value).startswith(f"sparse_adapt.{op}: ")
+    assert_fake_raises_the_same(lambda a: call(op, a), args, info.value)
+
+
+def assert_fake_raises_the_same(fn, args, real):
+    """fn on fake copies of args raises what it raised on the real ones: same type, same message."""
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with pytest.raises((RuntimeError, ValueError), match=expected):
-            call(op, fake)
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            fn(fake)
+    assert type(info.value) is type(real)
+    assert str(info.value) == str(real)
 
 
 def test_scale_nan_is_a_value_error():
@@ -100,14 +110,58 @@ def test_mixed_devices_under_fake_tensors():
         call("masked_merge", a)
 
 
-def test_backward_op_checks_grad_shape():
+def test_backward_ops_check_the_gradient_shape():
     a = valid_args("masked_lora_linear", 4, 5, 2, [3])
-    with pytest.raises(RuntimeError, match="grad_out must have shape"):
-        torch.ops.sparse_adapt.masked_lora_linear_backward(
-            torch.zeros(3, 5), a["x"], a["weight"], a["lora_A"], a["lora_B"], 1.0, None, False, [True] * 5)
-    with pytest.raises(RuntimeError, match="grad must have weight's shape"):
-        torch.ops.sparse_adapt.masked_merge_backward(
-            torch.zeros(5, 4), a["weight"], a["lora_A"], a["lora_B"], 1.0, None, [True, True])
+    ops = torch.ops.sparse_adapt
+    a["grad_out"], a["grad"] = torch.zeros(3, 5), torch.zeros(5, 4)
+
+    def linear_backward(a):
+        ops.masked_lora_linear_backward(a["grad_out"], a["x"], a["weight"], a["lora_A"], a["lora_B"], 1.0, None, False,
+                                        [True] * 5)
+
+    def merge_backward(a):
+        ops.masked_merge_backward(a["grad"], a["weight"], a["lora_A"], a["lora_B"], 1.0, None, [True, True])
+
+    for fn, expected in ((linear_backward, r"grad_out must have shape \(\.\.\., out\) = \[3, 4\] to match x \(3, 5\)"),
+                         (merge_backward, r"grad must have weight's shape \(4, 5\), got \(5, 4\)")):
+        with pytest.raises(RuntimeError, match=expected) as info:
+            fn(a)
+        assert_fake_raises_the_same(fn, a, info.value)
+
+
+MULTI_CORRUPTIONS = {
+    "lengths": (lambda a: a.update(ks=a["ks"][:1]), "one entry per matrix"),
+    "k_of_the_second": (lambda a: a["ks"].__setitem__(1, 99), r"k must be in \[0, \d+\] \(the length of params\[1\]"),
+    "score_dtype_of_the_second": (lambda a: a["scores"].__setitem__(1, a["scores"][1].double()),
+                                  r"scores\[1\] must be float32"),
+    "grad_shape_of_the_first": (lambda a: a["grads"].__setitem__(0, a["grads"][0][1:]),
+                                r"grads\[0\] must have params\[0\]'s shape"),
+}
+
+
+@pytest.mark.parametrize("name", MULTI_CORRUPTIONS)
+def test_ema_topk_multi_bad_input(name):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (5, 3)]
+    args = dict(params=[torch.randn(s, generator=g) for s in shapes],
+                grads=[torch.randn(s, generator=g) for s in shapes],
+                scores=[torch.zeros(s) for s in shapes], ks=[2, 1], dims=[1, 0])
+    corrupt, expected = MULTI_CORRUPTIONS[name]
+    corrupt(args)
+
+    def call_multi(a):
+        sa.ema_topk_multi_(a["params"], a["grads"], a["scores"], 0.8, a["ks"], a["dims"])
+
+    before = [p.clone() for p in args["params"]]
+    with pytest.raises((RuntimeError, ValueError), match=expected) as info:
+        call_multi(args)
+    assert all(torch.equal(p, b) for p, b in zip(args["params"], before))
+    with FakeTensorMode() as mode:
+        fake = {k: [mode.from_tensor(t) for t in v] if k in ("params", "grads", "scores") else v
+                for k, v in args.items()}
+        with pytest.raises((RuntimeError, ValueError)) as fake_info:
+            call_multi(fake)
+    assert type(fake_info.value) is type(info.value) and str(fake_info.value) == str(info.value)
 
 
 EMA_CORRUPTIONS = {
@@ -137,14 +191,12 @@ def test_ema_topk_bad_input(name, rows, cols, dim):
     corrupt, expected = EMA_CORRUPTIONS[name]
     corrupt(args)
     before = args["param"].clone()
-    with pytest.raises((RuntimeError, ValueError), match=expected):
+    with pytest.raises((RuntimeError, ValueError), match=expected) as info:
         sa.ema_topk_(**args)
     if before.device.type != "meta":
         assert torch.equal(args["param"], before), "a rejected call must not modify param"
-    with FakeTensorMode() as mode:
-        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with pytest.raises((RuntimeError, ValueError), match=expected):
-            sa.ema_topk_(**fake)
+    if args["score"].device.type != "meta":  # (a meta score is dispatched to the fake kernel eagerly already)
+        assert_fake_raises_the_same(lambda a: sa.ema_topk_(**a), args, info.value)
 
 
 def test_ema_topk_k_and_beta_are_value_errors():

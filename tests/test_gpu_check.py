@@ -25,7 +25,8 @@ def test_gpu_check_dry_run(tmp_path):
     for name in ("tests", "layer", "topk"):
         assert steps[name] == "ok", (name, steps[name])
     # The plan names only files that exist.
-    for path in ("setup.py", "scripts/cmake-build.sh", "benchmarks/python/ema_topk_bench.py", "benchmarks/cuda_static.py"):
+    for path in ("setup.py", "scripts/cmake-build.sh", "benchmarks/python/ema_topk_bench.py",
+                 "benchmarks/cuda_static.py"):
         assert path in proc.stdout and (ROOT / path).exists()
     # Every CUDA case of the op suites is selected by the marker the check uses.
     assert "tests collected" in (tmp_path / "log.txt").read_text()

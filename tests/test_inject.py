@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import sparse_adapt as sa
+
 from toy_models import ToyAttentionBlock, make_model, tiny_llama
 
 
@@ -15,7 +16,8 @@ def adapted_names(model):
 def test_target_modules_by_name_regex_and_all_linear():
     lm = tiny_llama()
     sa.inject(lm, sa.SparseLoraConfig(target_modules=["q_proj", "v_proj"], r=2))
-    assert adapted_names(lm) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    expected = sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    assert adapted_names(lm) == expected
 
     lm = tiny_llama()
     sa.inject(lm, sa.SparseLoraConfig(target_modules=r"model\.layers\.1\.mlp\..*_proj", r=2))

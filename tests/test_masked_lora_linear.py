@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sparse_adapt as sa
 from sparse_adapt import reference
+
 from helpers import ALL_DTYPES, assert_grads_match_reference, lora_operands, nm_mask
 
 OPS = torch.ops.sparse_adapt
@@ -49,8 +51,9 @@ def test_nm_mask(device):
     g = torch.Generator().manual_seed(3)
     args[6] = nm_mask(32, 64, 2, 4, g).to(device)
     for exact in (False, True):
-        assert_grads_match_reference(lambda *a: sa.masked_lora_linear(*a, exact_grad=exact),
-                                     lambda *a: reference.masked_lora_linear(*a, exact_grad=exact), args, [0, 3, 4])
+        assert_grads_match_reference(lambda *a, e=exact: sa.masked_lora_linear(*a, exact_grad=e),
+                                     lambda *a, e=exact: reference.masked_lora_linear(*a, exact_grad=e), args,
+                                     [0, 3, 4])
 
 
 def test_lors_gradient_is_lora_gradient(device):
@@ -90,16 +93,18 @@ def test_saves_nothing_of_weight_size_but_weight():
     for m in (None, mask):
         saved = []
 
-        def pack(t):
+        def pack(t, saved=saved):
             saved.append(t)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = sa.masked_lora_linear(x, w, bias, a, b, s, m)
-        big = [t for t in saved if t.numel() >= out * in_ and t.data_ptr() not in (w.data_ptr(), (m if m is not None else w).data_ptr())]
+        weight_or_mask = (w.data_ptr(), (m if m is not None else w).data_ptr())
+        big = [t for t in saved if t.numel() >= out * in_ and t.data_ptr() not in weight_or_mask]
         assert not big, f"saved an (out, in)-sized tensor besides weight/mask: {[tuple(t.shape) for t in big]}"
         ptrs = {t.data_ptr() for t in saved}
-        allowed = {x.data_ptr(), w.data_ptr(), a.data_ptr(), b.data_ptr()} | ({m.data_ptr()} if m is not None else set())
+        allowed = {x.data_ptr(), w.data_ptr(), a.data_ptr(), b.data_ptr()}
+        allowed |= {m.data_ptr()} if m is not None else set()
         assert ptrs <= allowed, "saved something that is not one of its inputs"
         saved_bytes = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != w.data_ptr()
                           and (m is None or t.data_ptr() != m.data_ptr()))

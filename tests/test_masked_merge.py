@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sparse_adapt as sa
 from sparse_adapt import reference
-from helpers import ALL_DTYPES, absmax, assert_close_to_reference, cpu, assert_grads_match_reference, lora_operands
+
+from helpers import ALL_DTYPES, absmax, assert_close_to_reference, assert_grads_match_reference, cpu, lora_operands
 
 SHAPES = [(1, 1, 1), (7, 13, 3), (64, 64, 16), (33, 300, 8), (130, 257, 64), (40, 24, 32)]
 OPS = torch.ops.sparse_adapt

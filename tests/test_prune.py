@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sparse_adapt import prune
+
 from toy_models import ToyMLP, tiny_llama
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import sparse_adapt as sa
-from sparse_adapt.assets import models, text as data
+from sparse_adapt.assets import models
+from sparse_adapt.assets import text as data
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,7 @@ import torch
 
 import sparse_adapt as sa
 from sparse_adapt.training import kept_count, kept_fraction, proposition1_bound
+
 from toy_models import make_model
 
 INPUTS = {"attention": lambda g: torch.randn(2, 5, 32, generator=g), "mlp": lambda g: torch.randn(6, 24, generator=g)}

@@ -114,8 +114,7 @@ struct MemoryProbe {
   int64_t current() const {
 #ifdef SPARSE_ADAPT_WITH_CUDA
     if (cuda) {
-      return c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device())
-          .allocated_bytes[0].current;
+      return c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device()).allocated_bytes[0].current;
     }
 #endif
     return cpu_tracker->current();
@@ -130,8 +129,7 @@ struct MemoryProbe {
   int64_t peak() const {
 #ifdef SPARSE_ADAPT_WITH_CUDA
     if (cuda) {
-      return c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device())
-          .allocated_bytes[0].peak;
+      return c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device()).allocated_bytes[0].peak;
     }
 #endif
     return -1;  // not tracked on the CPU
@@ -182,8 +180,9 @@ Tensor spp_branch_scaled(const Tensor& x, const Tensor& w, const Tensor& a, cons
 const auto& lors_forward_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_lora_linear", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, double,
-                                     const OptT&, bool, std::optional<c10::ScalarType>)>();
+                       .typed<Tensor(
+                           const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, double, const OptT&,
+                           bool, std::optional<c10::ScalarType>)>();
   return op;
 }
 
@@ -191,8 +190,9 @@ const auto& lors_backward_op() {
   using Out = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_lora_linear_backward", "")
-                       .typed<Out(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                  const OptT&, bool, std::array<bool, 5>, std::optional<c10::ScalarType>)>();
+                       .typed<Out(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                           const OptT&, bool, std::array<bool, 5>, std::optional<c10::ScalarType>)>();
   return op;
 }
 
@@ -282,8 +282,8 @@ Operands make_operands(const Config& c, const torch::TensorOptions& opts) {
   return o;
 }
 
-Row measure(const Config& c, const std::string& method, const torch::TensorOptions& opts, const MemoryProbe& probe,
-            int reps) {
+Row measure(
+    const Config& c, const std::string& method, const torch::TensorOptions& opts, const MemoryProbe& probe, int reps) {
   Operands o = make_operands(c, opts);
   const double s = 2.0;
   const Tensor gy = torch::randn({c.tokens, c.out}, opts);
@@ -347,14 +347,22 @@ Args parse(int argc, char** argv) {
       TORCH_CHECK(i + 1 < argc, k, " needs a value");
       return argv[++i];
     };
-    if (k == "--device") a.device = next();
-    else if (k == "--quick") a.quick = true;
-    else if (k == "--reps") a.reps = std::stoi(next());
-    else if (k == "--threads") a.threads = std::stoi(next());
-    else if (k == "--json") a.json = next();
-    else if (k == "--tokens") a.tokens = int_list(next());
-    else if (k == "--ranks") a.ranks = int_list(next());
-    else TORCH_CHECK(false, "unknown argument ", k, " (see the comment at the top of bench_layer.cpp)");
+    if (k == "--device")
+      a.device = next();
+    else if (k == "--quick")
+      a.quick = true;
+    else if (k == "--reps")
+      a.reps = std::stoi(next());
+    else if (k == "--threads")
+      a.threads = std::stoi(next());
+    else if (k == "--json")
+      a.json = next();
+    else if (k == "--tokens")
+      a.tokens = int_list(next());
+    else if (k == "--ranks")
+      a.ranks = int_list(next());
+    else
+      TORCH_CHECK(false, "unknown argument ", k, " (see the comment at the top of bench_layer.cpp)");
   }
   return a;
 }
@@ -373,8 +381,8 @@ int main(int argc, char** argv) {
   c10::SetCPUAllocator(cpu_tracker, /*priority=*/100);
   torch::set_num_threads(args.threads);
   const MemoryProbe probe{cuda};
-  const auto opts = torch::TensorOptions().dtype(cuda ? torch::kBFloat16 : torch::kFloat32).device(
-      cuda ? torch::kCUDA : torch::kCPU);
+  const auto opts =
+      torch::TensorOptions().dtype(cuda ? torch::kBFloat16 : torch::kFloat32).device(cuda ? torch::kCUDA : torch::kCPU);
 
   // Llama-3-8B projections on a GPU; the same aspect ratios at a quarter of the size on a CPU.
   std::vector<std::pair<int64_t, int64_t>> shapes = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
@@ -396,8 +404,9 @@ int main(int argc, char** argv) {
   }
 
   std::vector<Row> rows;
-  std::cout << "| layer (out x in) | tokens | r | method | ms | vs LoRA | saved for backward | vs LoRA | peak | vs LoRA |\n"
-            << "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n";
+  std::cout
+      << "| layer (out x in) | tokens | r | method | ms | vs LoRA | saved for backward | vs LoRA | peak | vs LoRA |\n"
+      << "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n";
   for (auto [out, in] : shapes) {
     for (int64_t t : tokens) {
       for (int64_t r : ranks) {
@@ -410,9 +419,10 @@ int main(int argc, char** argv) {
         for (const Row& row : group) {
           std::cout << "| " << out << "x" << in << " | " << t << " | " << r << " | " << row.method << " | "
                     << std::fixed << std::setprecision(2) << row.ms << " | " << row.ms / lora.ms << "x | "
-                    << mib(row.saved) << " | " << double(row.saved) / double(std::max<int64_t>(lora.saved, 1))
-                    << "x | " << (row.peak < 0 ? std::string("-") : mib(row.peak)) << " | "
-                    << (row.peak < 0 ? std::string("-") : std::to_string(double(row.peak) / lora.peak).substr(0, 4) + "x")
+                    << mib(row.saved) << " | " << double(row.saved) / double(std::max<int64_t>(lora.saved, 1)) << "x | "
+                    << (row.peak < 0 ? std::string("-") : mib(row.peak)) << " | "
+                    << (row.peak < 0 ? std::string("-")
+                                     : std::to_string(double(row.peak) / lora.peak).substr(0, 4) + "x")
                     << " |\n";
           rows.push_back(row);
         }
@@ -425,13 +435,14 @@ int main(int argc, char** argv) {
   // back-to-back calls, so that one synchronisation does not weigh on a ~100 us kernel.
   std::cout << "\n| layer (out x in) | r | weight -> merged | masked_merge ms | GB/s | copy GB/s | of copy |\n"
             << "|---|---:|---|---:|---:|---:|---:|\n";
-  static auto merge = c10::Dispatcher::singleton()
-                          .findSchemaOrThrow("sparse_adapt::masked_merge", "")
-                          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, double, const OptT&,
-                                        std::optional<c10::ScalarType>)>();
+  static auto merge =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparse_adapt::masked_merge", "")
+          .typed<Tensor(
+              const Tensor&, const Tensor&, const Tensor&, double, const OptT&, std::optional<c10::ScalarType>)>();
   constexpr int kInner = 10;
-  std::vector<std::pair<c10::ScalarType, c10::ScalarType>> merge_dtypes = {{opts.dtype().toScalarType(),
-                                                                             opts.dtype().toScalarType()}};
+  std::vector<std::pair<c10::ScalarType, c10::ScalarType>> merge_dtypes = {
+      {opts.dtype().toScalarType(), opts.dtype().toScalarType()}};
   if (cuda) {
     merge_dtypes.push_back({torch::kFloat32, torch::kBFloat16});
   }
@@ -444,10 +455,12 @@ int main(int argc, char** argv) {
         const std::optional<c10::ScalarType> out_dtype = from == to ? std::nullopt : std::optional(to);
         const double bytes = static_cast<double>(o.w.numel()) * (c10::elementSize(from) + c10::elementSize(to));
         auto run_merge = [&] {
-          for (int i = 0; i < kInner; ++i) merge.call(o.w, a, b, 1.0, std::nullopt, out_dtype);
+          for (int i = 0; i < kInner; ++i)
+            merge.call(o.w, a, b, 1.0, std::nullopt, out_dtype);
         };
         auto run_copy = [&] {
-          for (int i = 0; i < kInner; ++i) (from == to ? o.w.clone() : o.w.to(to));
+          for (int i = 0; i < kInner; ++i)
+            (from == to ? o.w.clone() : o.w.to(to));
         };
         const double ms = median_ms(run_merge, probe, 2, args.reps * 2) / kInner;
         const double copy_ms = median_ms(run_copy, probe, 2, args.reps * 2) / kInner;
@@ -458,8 +471,8 @@ int main(int argc, char** argv) {
                   << 100 * gbs / copy_gbs << "% |\n";
         merge_json << (merge_json.tellp() > 0 ? ",\n" : "") << "    {\"out\": " << out << ", \"in\": " << in
                    << ", \"rank\": " << r << ", \"from\": \"" << c10::toString(from) << "\", \"to\": \""
-                   << c10::toString(to) << "\", \"ms\": " << ms << ", \"gbs\": " << gbs << ", \"copy_gbs\": "
-                   << copy_gbs << "}";
+                   << c10::toString(to) << "\", \"ms\": " << ms << ", \"gbs\": " << gbs
+                   << ", \"copy_gbs\": " << copy_gbs << "}";
       }
     }
   }
@@ -471,9 +484,9 @@ int main(int argc, char** argv) {
       << "\",\n  \"layers\": [\n";
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
-      f << "    {\"out\": " << r.c.out << ", \"in\": " << r.c.in << ", \"tokens\": " << r.c.tokens << ", \"rank\": "
-        << r.c.rank << ", \"method\": \"" << r.method << "\", \"ms\": " << r.ms << ", \"saved\": " << r.saved
-        << ", \"peak\": " << r.peak << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
+      f << "    {\"out\": " << r.c.out << ", \"in\": " << r.c.in << ", \"tokens\": " << r.c.tokens
+        << ", \"rank\": " << r.c.rank << ", \"method\": \"" << r.method << "\", \"ms\": " << r.ms
+        << ", \"saved\": " << r.saved << ", \"peak\": " << r.peak << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
     }
     f << "  ],\n  \"merge\": [\n" << merge_json.str() << "\n  ]\n}\n";
   }

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import describe_machine  # same folder
 
 import sparse_adapt as sa
-from report import describe_machine  # same folder
 from sparse_adapt.memory import SavedBytes
 
 CPU_SHAPES = [(2048, 2048), (4096, 1024)]      # (out, in)
@@ -123,7 +123,8 @@ def main():
         for name, row in rows.items():
             lines.append(
                 f"| {out}x{in_} | {name} | {row['saved'] / 2**20:.2f} MiB | {row['saved'] / lora_row['saved']:.2f}x | "
-                f"{row['time'] * 1e3:.1f} | {row['time'] / lora_row['time']:.2f}x | {row['time'] / sqft_row['time']:.2f}x |")
+                f"{row['time'] * 1e3:.1f} | {row['time'] / lora_row['time']:.2f}x | "
+                f"{row['time'] / sqft_row['time']:.2f}x |")
         merge_lines.append(f"| {out}x{in_} | {naive * 1e3:.2f} | {fused * 1e3:.2f} | {naive / fused:.2f}x |")
     text = "\n".join(lines + merge_lines) + "\n"
     print(text)

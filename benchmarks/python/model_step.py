@@ -26,7 +26,8 @@ METHODS = ["lora", "sqft", "sqft_gc", "spp", "spp_gc", "lors"]
 
 def worker(args) -> dict:
     import sparse_adapt as sa
-    from sparse_adapt.assets import models, text as data
+    from sparse_adapt.assets import models
+    from sparse_adapt.assets import text as data
     from sparse_adapt.memory import SavedBytes
     from sparse_adapt.pipeline import lm_batches
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 import sparse_adapt as sa
-from sparse_adapt.assets import models, text as data
+from sparse_adapt.assets import models
+from sparse_adapt.assets import text as data
 from sparse_adapt.lm import lm_batches
 from sparse_adapt.training import kept_count
 
@@ -95,12 +96,14 @@ device {args.device}, {args.threads} thread(s), torch {torch.__version__}.
 
 - held-out loss (16 other summaries): {loss_before:.3f} before, {loss_after:.3f} after; training loss: first 3
   steps {statistics.mean(losses[:3]):.3f}, last 3 steps {statistics.mean(losses[-3:]):.3f}
-- layers whose every row of A holds exactly k={kept_count(1 - args.sparsity, 576)}..{kept_count(1 - args.sparsity, 1536)}
+- layers whose every row of A holds exactly k={kept_count(1 - args.sparsity, 576)}..{kept_count(1 - args.sparsity,
+                                                                                                 1536)}
   non-zeros and every column of B at most its k: {at_target} / {len(layers)}
 - Proposition 1 bound holds on {bound_holds} / {len(report)} layers; s(B@A) over layers: min {delta.min():.4f},
   mean {delta.mean():.4f}; its bound: min {bound.min():.4f}, mean {bound.mean():.4f}
 - {counts}
-- median training step {statistics.median(step_times):.3f} s, median pruner.step() {1e3 * statistics.median(prune_times):.1f} ms:
+- median training step {statistics.median(step_times):.3f} s, median pruner.step() {
+    1e3 * statistics.median(prune_times):.1f} ms:
   **{100 * ratio:.2f}% of a step**
 
 First {head} layers of the sparsity report:

@@ -40,23 +40,17 @@ void check_like(
     const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref,
     bool any_dtype) {
   TORCH_CHECK(
-      t.device() == ref.device(),
-      "sparse_adapt.", op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
-      "; all operands must be on one device");
+      t.device() == ref.device(), "sparse_adapt.", op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+      ref.device(), "; all operands must be on one device");
   TORCH_CHECK(
-      any_dtype || t.scalar_type() == ref.scalar_type(),
-      "sparse_adapt.", op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
-      ref.scalar_type(), "; cast them to one dtype (mixed precision: run under torch.autocast)");
+      any_dtype || t.scalar_type() == ref.scalar_type(), "sparse_adapt.", op, ": ", name, " has dtype ",
+      t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+      "; cast them to one dtype (mixed precision: run under torch.autocast)");
 }
 
 void check_lora_operands(
-    const char* op,
-    const at::Tensor& weight,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    const std::optional<at::Tensor>& mask,
-    bool mixed) {
+    const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, bool mixed) {
   check_floating(op, "weight", weight);
   check_floating(op, "lora_A", lora_A);
   check_floating(op, "lora_B", lora_B);
@@ -73,9 +67,8 @@ void check_lora_operands(
       lora_A.size(1) == in, "sparse_adapt.", op, ": lora_A must have shape (r, in) = (r, ", in, ") to match weight ",
       shape_str(weight), ", got ", shape_str(lora_A));
   TORCH_CHECK(
-      lora_B.size(0) == out && lora_B.size(1) == r, "sparse_adapt.", op, ": lora_B must have shape (out, r) = (",
-      out, ", ", r, ") to match weight ", shape_str(weight), " and lora_A ", shape_str(lora_A), ", got ",
-      shape_str(lora_B));
+      lora_B.size(0) == out && lora_B.size(1) == r, "sparse_adapt.", op, ": lora_B must have shape (out, r) = (", out,
+      ", ", r, ") to match weight ", shape_str(weight), " and lora_A ", shape_str(lora_A), ", got ", shape_str(lora_B));
   check_like(op, "lora_A", lora_A, "weight", weight, mixed);
   check_like(op, "lora_B", lora_B, "weight", weight, mixed);
   TORCH_CHECK_VALUE(std::isfinite(scale), "sparse_adapt.", op, ": scale must be finite, got ", scale);
@@ -83,8 +76,8 @@ void check_lora_operands(
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.defined(), "sparse_adapt.", op, ": mask is an undefined tensor");
     TORCH_CHECK(
-        m.scalar_type() == at::kBool, "sparse_adapt.", op, ": mask must be a bool tensor, got dtype ",
-        m.scalar_type(), " (use mask.bool() or weight != 0)");
+        m.scalar_type() == at::kBool, "sparse_adapt.", op, ": mask must be a bool tensor, got dtype ", m.scalar_type(),
+        " (use mask.bool() or weight != 0)");
     TORCH_CHECK(
         m.sizes() == weight.sizes(), "sparse_adapt.", op, ": mask must have weight's shape ", shape_str(weight),
         ", got ", shape_str(m));
@@ -140,8 +133,8 @@ int64_t check_ema_topk_operands(
   TORCH_CHECK(param.dim() == 2, "sparse_adapt.", op, ": ", p(), " must be 2-D, got shape ", shape_str(param));
   TORCH_CHECK(param.numel() > 0, "sparse_adapt.", op, ": ", p(), " is empty, shape ", shape_str(param));
   TORCH_CHECK(
-      grad.sizes() == param.sizes(), "sparse_adapt.", op, ": ", g(), " must have ", p(), "'s shape ",
-      shape_str(param), ", got ", shape_str(grad));
+      grad.sizes() == param.sizes(), "sparse_adapt.", op, ": ", g(), " must have ", p(), "'s shape ", shape_str(param),
+      ", got ", shape_str(grad));
   TORCH_CHECK(
       grad.device() == param.device(), "sparse_adapt.", op, ": ", g(), " is on ", grad.device(), " but ", p(),
       " is on ", param.device(), "; all operands must be on one device");
@@ -153,13 +146,12 @@ int64_t check_ema_topk_operands(
       score.scalar_type() == at::kFloat, "sparse_adapt.", op, ": ", s(),
       " must be float32 (it accumulates an EMA), got ", score.scalar_type());
   TORCH_CHECK(
-      score.sizes() == param.sizes(), "sparse_adapt.", op, ": ", s(), " must have ", p(), "'s shape ",
-      shape_str(param), ", got ", shape_str(score));
+      score.sizes() == param.sizes(), "sparse_adapt.", op, ": ", s(), " must have ", p(), "'s shape ", shape_str(param),
+      ", got ", shape_str(score));
   TORCH_CHECK(
       score.device() == param.device(), "sparse_adapt.", op, ": ", s(), " is on ", score.device(), " but ", p(),
       " is on ", param.device());
-  TORCH_CHECK(
-      !score.is_same(param) && !score.is_same(grad), "sparse_adapt.", op, ": ", s(), " must be its own tensor");
+  TORCH_CHECK(!score.is_same(param) && !score.is_same(grad), "sparse_adapt.", op, ": ", s(), " must be its own tensor");
   TORCH_CHECK_VALUE(
       dim >= -2 && dim <= 1, "sparse_adapt.", op, ": dim must be 0 (per column) or 1 (per row) of the 2-D ", p(),
       ", got ", dim);
@@ -167,10 +159,9 @@ int64_t check_ema_topk_operands(
   const int64_t d = dim < 0 ? dim + 2 : dim;
   const int64_t n = param.size(d);
   TORCH_CHECK_VALUE(
-      k >= 0 && k <= n, "sparse_adapt.", op, ": k must be in [0, ", n, "] (the length of ", p(), " ",
-      shape_str(param), " along dim ", dim, "), got ", k);
-  TORCH_CHECK(
-      n <= 0xFFFFFFFFLL, "sparse_adapt.", op, ": slices longer than 2^32 entries are not supported");
+      k >= 0 && k <= n, "sparse_adapt.", op, ": k must be in [0, ", n, "] (the length of ", p(), " ", shape_str(param),
+      " along dim ", dim, "), got ", k);
+  TORCH_CHECK(n <= 0xFFFFFFFFLL, "sparse_adapt.", op, ": slices longer than 2^32 entries are not supported");
   return d;
 }
 

@@ -25,13 +25,8 @@ void check_like(
 // masked low-rank op. Empty weights and rank 0 are rejected: there is nothing to adapt. `mixed`: lora_A and
 // lora_B may have another floating dtype than weight (mixed precision); otherwise they must have weight's.
 void check_lora_operands(
-    const char* op,
-    const at::Tensor& weight,
-    const at::Tensor& lora_A,
-    const at::Tensor& lora_B,
-    double scale,
-    const std::optional<at::Tensor>& mask,
-    bool mixed = false);
+    const char* op, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, bool mixed = false);
 
 // x (..., in) and bias (out) of a linear layer whose weight is (out, in). Without a compute dtype x and bias have
 // weight's dtype; with one, x has it and bias is any floating dtype.

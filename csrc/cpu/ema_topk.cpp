@@ -45,7 +45,7 @@ Threshold select_top(const uint32_t* keys, int64_t n, int64_t k, std::vector<uin
   if (lo == hi) {
     return {hi, k};  // all equal: the first k in index order
   }
-  const int top = 31 - __builtin_clz(lo ^ hi);  // highest differing bit
+  const int top = 31 - __builtin_clz(lo ^ hi);                 // highest differing bit
   uint32_t prefix = top == 31 ? 0u : lo & ~((2u << top) - 1);  // the bits all keys share
   const uint32_t* cand = keys;
   int64_t m = n, remaining = k;
@@ -121,8 +121,8 @@ SA_CPU_CLONES void ema_update(const TopkMatrix& m, int64_t s0, int64_t s1, float
 
 // Zero the entries of one slice that are not among its k largest (keys: the slice's ordered scores).
 template <typename scalar_t>
-void prune_slice(scalar_t* param, const SliceLayout& l, int64_t slice, int64_t k, const uint32_t* keys,
-                 std::vector<uint32_t>& buf) {
+void prune_slice(
+    scalar_t* param, const SliceLayout& l, int64_t slice, int64_t k, const uint32_t* keys, std::vector<uint32_t>& buf) {
   const int64_t n = l.n, base = slice * l.slice_stride;
   if (k == n) {
     return;
@@ -164,30 +164,28 @@ void ema_topk_launch_cpu(const std::vector<TopkMatrix>& matrices, double beta) {
       largest = std::max(largest, (chunks.back().s1 - s) * l.n);
     }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, matrices.front().param.scalar_type(), "ema_topk_cpu", [&] {
-        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-          std::vector<uint32_t> keys(static_cast<size_t>(largest)), buf(static_cast<size_t>(largest));
-          for (int64_t c = begin; c < end; ++c) {
-            const Chunk& chunk = chunks[c];
-            const TopkMatrix& m = matrices[chunk.matrix];
-            ema_update<scalar_t>(m, chunk.s0, chunk.s1, static_cast<float>(beta), keys.data());
-            for (int64_t s = chunk.s0; s < chunk.s1; ++s) {
-              prune_slice<scalar_t>(m.param.mutable_data_ptr<scalar_t>(), m.layout, s, m.k,
-                                    keys.data() + (s - chunk.s0) * m.layout.n, buf);
-            }
-          }
-        });
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, matrices.front().param.scalar_type(), "ema_topk_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> keys(static_cast<size_t>(largest)), buf(static_cast<size_t>(largest));
+      for (int64_t c = begin; c < end; ++c) {
+        const Chunk& chunk = chunks[c];
+        const TopkMatrix& m = matrices[chunk.matrix];
+        ema_update<scalar_t>(m, chunk.s0, chunk.s1, static_cast<float>(beta), keys.data());
+        for (int64_t s = chunk.s0; s < chunk.s1; ++s) {
+          prune_slice<scalar_t>(
+              m.param.mutable_data_ptr<scalar_t>(), m.layout, s, m.k, keys.data() + (s - chunk.s0) * m.layout.n, buf);
+        }
+      }
+    });
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_adapt, CPU, m) {
   m.impl(
-      "ema_topk_",
-      [](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
-         int64_t dim) { ema_topk_(ema_topk_launch_cpu, param, grad, score, beta, k, dim); });
+      "ema_topk_", [](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+                      int64_t dim) { ema_topk_(ema_topk_launch_cpu, param, grad, score, beta, k, dim); });
   m.impl(
       "ema_topk_multi_",
       [](at::TensorList params, at::TensorList grads, at::TensorList scores, double beta, at::IntArrayRef ks,

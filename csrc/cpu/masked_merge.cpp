@@ -91,10 +91,10 @@ inline void lowrank_tile_edge(
 // select.
 template <typename w_t, typename out_t, bool kHasMask>
 SA_CPU_CLONES void masked_merge_rows(
-    const w_t* weight,                      // (out, in)
+    const w_t* weight,                     // (out, in)
     const at::opmath_type<out_t>* lora_A,  // (r, in)
     const at::opmath_type<out_t>* lora_B,  // (out, r)
-    const bool* mask,                       // (out, in); ignored unless kHasMask (then M = weight != 0)
+    const bool* mask,                      // (out, in); ignored unless kHasMask (then M = weight != 0)
     at::opmath_type<out_t> scale,
     out_t* out,  // (out, in), may alias weight (then w_t == out_t)
     int64_t in, int64_t r, int64_t row_begin, int64_t row_end) {
@@ -125,8 +125,8 @@ SA_CPU_CLONES void masked_merge_rows(
 
 template <typename w_t, typename out_t>
 void launch_typed(
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-    const at::Tensor& mask, const at::Tensor& out) {
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, const at::Tensor& mask,
+    const at::Tensor& out) {
   using acc_t = at::opmath_type<out_t>;
   // O(r * (in + out)) conversions of the factors, never O(out * in); no copy when they already are acc_t.
   const at::Tensor a = lora_A.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -148,8 +148,8 @@ void launch_typed(
 }
 
 void masked_merge_launch_cpu(
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-    const at::Tensor& mask, const at::Tensor& out) {
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, const at::Tensor& mask,
+    const at::Tensor& out) {
   if (weight.scalar_type() == at::kFloat && out.scalar_type() != at::kFloat) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "masked_merge_cpu", [&] {
       launch_typed<float, scalar_t>(weight, lora_A, lora_B, scale, mask, out);
@@ -165,15 +165,13 @@ void masked_merge_launch_cpu(
 
 TORCH_LIBRARY_IMPL(sparse_adapt, CPU, m) {
   m.impl(
-      "masked_merge",
-      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+      "masked_merge", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
         return masked_merge(masked_merge_launch_cpu, weight, lora_A, lora_B, scale, mask, out_dtype);
       });
   m.impl(
-      "masked_merge_",
-      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-         const std::optional<at::Tensor>& mask) {
+      "masked_merge_", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                          const std::optional<at::Tensor>& mask) {
         masked_merge_(masked_merge_launch_cpu, weight, lora_A, lora_B, scale, mask);
       });
 }

@@ -22,31 +22,29 @@ void ema_topk_launch_cuda(const std::vector<TopkMatrix>& matrices, double beta) 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   std::vector<topk_cuda::TopkSlices> slices;
   for (const TopkMatrix& m : matrices) {
-    slices.push_back({m.param.data_ptr(), m.grad.const_data_ptr(), m.score.mutable_data_ptr<float>(),
-                      m.layout.slices, m.layout.n, m.layout.slice_stride, m.layout.elem_stride, m.k, 0});
+    slices.push_back(
+        {m.param.data_ptr(), m.grad.const_data_ptr(), m.score.mutable_data_ptr<float>(), m.layout.slices, m.layout.n,
+         m.layout.slice_stride, m.layout.elem_stride, m.k, 0});
   }
   const auto launches = topk_cuda::plan_topk(slices, static_cast<float>(beta), sms);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, matrices.front().param.scalar_type(), "ema_topk_cuda", [&] {
-        for (const topk_cuda::TopkLaunch& l : launches) {
-          TORCH_CHECK(
-              l.blocks <= 0x7fffffff, "sparse_adapt.ema_topk_: too many slices (", l.batch.slices,
-              ") for one CUDA launch");
-          const auto kernel = l.warp_teams ? topk_cuda::ema_topk_kernel<scalar_t, true>
-                                           : topk_cuda::ema_topk_kernel<scalar_t, false>;
-          kernel<<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(l.batch);
-          check_launch("ema_topk_");
-        }
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, matrices.front().param.scalar_type(), "ema_topk_cuda", [&] {
+    for (const topk_cuda::TopkLaunch& l : launches) {
+      TORCH_CHECK(
+          l.blocks <= 0x7fffffff, "sparse_adapt.ema_topk_: too many slices (", l.batch.slices, ") for one CUDA launch");
+      const auto kernel =
+          l.warp_teams ? topk_cuda::ema_topk_kernel<scalar_t, true> : topk_cuda::ema_topk_kernel<scalar_t, false>;
+      kernel<<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(l.batch);
+      check_launch("ema_topk_");
+    }
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_adapt, CUDA, m) {
   m.impl(
-      "ema_topk_",
-      [](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
-         int64_t dim) { ema_topk_(ema_topk_launch_cuda, param, grad, score, beta, k, dim); });
+      "ema_topk_", [](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+                      int64_t dim) { ema_topk_(ema_topk_launch_cuda, param, grad, score, beta, k, dim); });
   m.impl(
       "ema_topk_multi_",
       [](at::TensorList params, at::TensorList grads, at::TensorList scores, double beta, at::IntArrayRef ks,

@@ -28,14 +28,14 @@ namespace sparse_adapt::topk_cuda {
 constexpr int kBins = 256;
 constexpr int kWarp = 32;
 constexpr int kBinsPerLane = kBins / kWarp;
-constexpr int kWarpTeamBlock = 256;  // threads of a block of warp teams: 8 slices a block
-constexpr int kMaxMatrices = 48;     // descriptors in one launch's argument (3.5 KB, under the 4 KB limit)
+constexpr int kWarpTeamBlock = 256;      // threads of a block of warp teams: 8 slices a block
+constexpr int kMaxMatrices = 48;         // descriptors in one launch's argument (3.5 KB, under the 4 KB limit)
 constexpr int64_t kWarpTeamMaxN = 1024;  // slices up to this long get a warp each; longer ones a block
 
 struct TopkSlices {
-  void* param;        // (rows, cols) of the launch's scalar type
-  const void* grad;   // like param
-  float* score;       // (rows, cols)
+  void* param;                                   // (rows, cols) of the launch's scalar type
+  const void* grad;                              // like param
+  float* score;                                  // (rows, cols)
   int64_t slices, n, slice_stride, elem_stride;  // entry i of slice j: j * slice_stride + i * elem_stride
   int64_t k;                                     // entries kept per slice
   int64_t first_slice;                           // number of the matrix's first slice in the launch
@@ -137,7 +137,7 @@ SA_DEVICE void choose_bin(TeamState& st, int shift, int lane) {
     }
   }
   const int64_t remaining = st.remaining;
-  __syncwarp();  // every lane has read st before the chosen lane writes it
+  __syncwarp();                                               // every lane has read st before the chosen lane writes it
   int64_t above = static_cast<int64_t>(at_or_above) - local;  // candidates in the bins above this lane's
   if (above < remaining && remaining <= static_cast<int64_t>(at_or_above)) {
     for (int q = kBinsPerLane - 1; q >= 0; --q) {
@@ -164,8 +164,8 @@ SA_DEVICE void select_slice(const TopkSlices& t, int64_t j, float beta, TeamStat
 
   for (int64_t i = lane; i < n; i += team_size) {
     const int64_t off = base + i * stride;
-    t.score[off] = kernels::ema_score<acc_t>(
-        t.score[off], static_cast<acc_t>(param[off]), static_cast<acc_t>(grad[off]), beta);
+    t.score[off] =
+        kernels::ema_score<acc_t>(t.score[off], static_cast<acc_t>(param[off]), static_cast<acc_t>(grad[off]), beta);
   }
   if (k == n) {
     return;  // every entry is kept (uniform over the team)
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(1024) ema_topk_kernel(const TopkBatch batch) {
   const int team = kWarpTeams ? static_cast<int>(threadIdx.x) / kWarp : 0;
   const int lane = kWarpTeams ? static_cast<int>(threadIdx.x) % kWarp : static_cast<int>(threadIdx.x);
   const int team_size = kWarpTeams ? kWarp : static_cast<int>(blockDim.x);
-  const int64_t slice =
-      kWarpTeams ? static_cast<int64_t>(blockIdx.x) * (kWarpTeamBlock / kWarp) + team : static_cast<int64_t>(blockIdx.x);
+  const int64_t slice = kWarpTeams ? static_cast<int64_t>(blockIdx.x) * (kWarpTeamBlock / kWarp) + team
+                                   : static_cast<int64_t>(blockIdx.x);
   if (slice >= batch.slices) {
     return;  // a whole team: the last block of warp teams may have spare warps
   }

@@ -33,8 +33,8 @@ bool aligned(const void* p, size_t bytes) {
 
 template <typename w_t, typename out_t>
 void launch_typed(
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-    const at::Tensor& mask, const at::Tensor& out) {
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, const at::Tensor& mask,
+    const at::Tensor& out) {
   using acc_t = at::opmath_type<out_t>;
   merge_cuda::MergeParams<w_t, out_t, acc_t> p;
   p.weight = weight.const_data_ptr<w_t>();
@@ -48,8 +48,7 @@ void launch_typed(
   p.r = lora_A.size(0);
   p.a_type = factor_type(lora_A);
   p.b_type = factor_type(lora_B);
-  const bool vector_aligned =
-      aligned(p.weight, 16) && aligned(p.out, 16) && (p.mask == nullptr || aligned(p.mask, 8));
+  const bool vector_aligned = aligned(p.weight, 16) && aligned(p.out, 16) && (p.mask == nullptr || aligned(p.mask, 8));
 
   int device = 0, sms = 0;
   check_cuda(cudaGetDevice(&device), "masked_merge");
@@ -57,7 +56,7 @@ void launch_typed(
   // The block count a wave holds depends on the kernel's registers and shared memory: ask the runtime.
   const merge_cuda::MergePlan first = merge_cuda::plan_merge(p.rows, p.cols, p.r, sizeof(acc_t), vector_aligned, 1);
   // The 16-byte path with or without a mask, and the scalar path (which reads the mask pointer at run time).
-  const auto kernel = !first.vector ? merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, false, true>
+  const auto kernel = !first.vector       ? merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, false, true>
                       : p.mask != nullptr ? merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, true, true>
                                           : merge_cuda::masked_merge_kernel<w_t, out_t, acc_t, true, false>;
   if (first.smem_bytes > 48 * 1024) {
@@ -82,8 +81,8 @@ void launch_typed(
 }
 
 void masked_merge_launch_cuda(
-    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-    const at::Tensor& mask, const at::Tensor& out) {
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, const at::Tensor& mask,
+    const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::ScalarType w = weight.scalar_type(), o = out.scalar_type();
   if (w == at::kFloat && o == at::kBFloat16) {
@@ -105,15 +104,13 @@ void masked_merge_launch_cuda(
 
 TORCH_LIBRARY_IMPL(sparse_adapt, CUDA, m) {
   m.impl(
-      "masked_merge",
-      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+      "masked_merge", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
         return masked_merge(masked_merge_launch_cuda, weight, lora_A, lora_B, scale, mask, out_dtype);
       });
   m.impl(
-      "masked_merge_",
-      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-         const std::optional<at::Tensor>& mask) {
+      "masked_merge_", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                          const std::optional<at::Tensor>& mask) {
         masked_merge_(masked_merge_launch_cuda, weight, lora_A, lora_B, scale, mask);
       });
 }

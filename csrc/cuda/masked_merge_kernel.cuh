@@ -61,7 +61,7 @@ SA_DEVICE acc_t load_factor(const void* base, FactorType type, int64_t i) {
 
 template <typename w_t, typename out_t, typename acc_t>
 struct MergeParams {
-  const w_t* weight;  // (rows, cols); may alias out
+  const w_t* weight;   // (rows, cols); may alias out
   const void* lora_A;  // (r, cols), a_type
   const void* lora_B;  // (rows, r), b_type
   const bool* mask;    // (rows, cols), or nullptr: M = weight != 0
@@ -88,9 +88,9 @@ union ChunkBits {
 // CUDA launcher and the CPU emulation in the C++ tests launch exactly the same grid.
 struct MergePlan {
   int64_t col_strips, row_tiles, rank_chunk;
-  int64_t grid_y;       // row groups: block (x, y) walks row tiles y, y + grid_y, ...
+  int64_t grid_y;  // row groups: block (x, y) walks row tiles y, y + grid_y, ...
   size_t smem_bytes;
-  bool vector;          // the 16-byte path
+  bool vector;  // the 16-byte path
 };
 
 inline int64_t max_rank_chunk(size_t acc_size) {

@@ -15,9 +15,9 @@ namespace sparse_adapt::kernels {
 // one rounding in which the backends can differ.
 template <int TR, int TC, typename acc_t, typename b_t, typename a_t>
 SA_HOST_DEVICE void rank1_update(acc_t (&acc)[TR][TC], const b_t (&b)[TR], const a_t (&a)[TC]) {
-SA_UNROLL
+  SA_UNROLL
   for (int i = 0; i < TR; ++i) {
-SA_UNROLL
+    SA_UNROLL
     for (int j = 0; j < TC; ++j) {
       acc[i][j] += b[i] * a[j];
     }

@@ -17,7 +17,8 @@ at::Tensor masked_lora_linear_autocast(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scale, const std::optional<at::Tensor>& mask, bool exact_grad,
     std::optional<at::ScalarType> compute_dtype) {
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_lora_linear", "")
                        .typed<decltype(masked_lora_linear)>();

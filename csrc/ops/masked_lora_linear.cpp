@@ -33,24 +33,22 @@ at::Tensor call_masked_merge(
 // grad_A = s · Bᵀ (G ⊙ M), grad_B = s · (G ⊙ M) Aᵀ, in G's dtype, returned in the factors' dtypes. `dense_grad`
 // (out, in) is consumed (masked in place).
 std::tuple<at::Tensor, at::Tensor> masked_lowrank_grads(
-    at::Tensor dense_grad, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
+    at::Tensor dense_grad, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
   dense_grad.mul_(mask.has_value() ? *mask : weight.ne(0));
   const at::ScalarType dtype = dense_grad.scalar_type();
-  at::Tensor gA = output_mask[0]
-      ? at::mm(lora_B.to(dtype).t(), dense_grad).mul_(scale).to(lora_A.scalar_type())
-      : at::empty({0}, lora_A.options());
-  at::Tensor gB = output_mask[1]
-      ? at::mm(dense_grad, lora_A.to(dtype).t()).mul_(scale).to(lora_B.scalar_type())
-      : at::empty({0}, lora_B.options());
+  at::Tensor gA = output_mask[0] ? at::mm(lora_B.to(dtype).t(), dense_grad).mul_(scale).to(lora_A.scalar_type())
+                                 : at::empty({0}, lora_A.options());
+  at::Tensor gB = output_mask[1] ? at::mm(dense_grad, lora_A.to(dtype).t()).mul_(scale).to(lora_B.scalar_type())
+                                 : at::empty({0}, lora_B.options());
   return {gA, gB};
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> masked_merge_backward(
-    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, std::array<bool, 2> output_mask) {
   constexpr const char* op = "masked_merge_backward";
   check_lora_operands(op, weight, lora_A, lora_B, scale, mask, /*mixed=*/true);
   check_floating(op, "grad", grad);
@@ -86,16 +84,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_lo
   auto expected = x.sizes().vec();
   expected.back() = out;
   TORCH_CHECK(
-      grad_out.sizes() == at::IntArrayRef(expected), "sparse_adapt.", op, ": grad_out must have shape (..., out) = ",
-      at::IntArrayRef(expected), " to match x ", shape_str(x), " and weight ", shape_str(weight), ", got ",
-      shape_str(grad_out));
+      grad_out.sizes() == at::IntArrayRef(expected), "sparse_adapt.", op,
+      ": grad_out must have shape (..., out) = ", at::IntArrayRef(expected), " to match x ", shape_str(x),
+      " and weight ", shape_str(weight), ", got ", shape_str(grad_out));
 
   const at::ScalarType dtype = compute_dtype.value_or(weight.scalar_type());
   const auto [need_x, need_w, need_bias, need_A, need_B] = output_mask;
   // x is read only for the weight and adapter gradients; when none is wanted the caller may pass a stride-0
   // placeholder of x's shape, which must not be materialized.
   const at::Tensor x2 = (need_w || need_A || need_B) ? x.reshape({-1, in}) : at::Tensor();  // (L, in)
-  const at::Tensor g2 = grad_out.reshape({-1, out});  // (L, out)
+  const at::Tensor g2 = grad_out.reshape({-1, out});                                        // (L, out)
   const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   at::Tensor gx = none(x), gW = none(weight), gbias = none(x), gA = none(lora_A), gB = none(lora_B);
 

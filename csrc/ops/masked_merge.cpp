@@ -22,8 +22,8 @@ bool merge_reads_natively(at::ScalarType weight, at::ScalarType out) {
 }
 
 at::Tensor masked_merge(
-    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
   check_lora_operands("masked_merge", weight, lora_A, lora_B, scale, mask, /*mixed=*/out_dtype.has_value());
   const at::ScalarType dtype = out_dtype.value_or(weight.scalar_type());
   check_floating_dtype("masked_merge", "out_dtype", dtype);
@@ -37,8 +37,8 @@ at::Tensor masked_merge(
 }
 
 void masked_merge_(
-    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scale, const std::optional<at::Tensor>& mask) {
+    MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+    const std::optional<at::Tensor>& mask) {
   check_lora_operands("masked_merge_", weight, lora_A, lora_B, scale, mask);
   const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
   if (weight.is_contiguous()) {

@@ -9,7 +9,7 @@ from .config import RoseLoraConfig, SparseLoraConfig
 from .gradient_svd import gradient_svd_init_
 from .io import export_peft, load_adapter, save_adapter
 from .layer import SparseLoraLinear, adapter_layers
-from .method import INITS, Method, config_for, get_method, method_names, register_method
+from .method import INITS, Method, config_for, get_method, method_names, register_method, unregister_method
 from .model import TrainableParameters, find_targets, inject, merge, trainable_parameters, unload, unmerge
 
 # The built-in methods' names, in registration order (sa.method_names() also lists methods registered later).
@@ -20,5 +20,6 @@ __all__ = [
     "INITS", "METHODS", "Method", "RoseLoraConfig", "SPARSITY_PRESERVING", "SparseLoraConfig", "SparseLoraLinear",
     "TrainableParameters", "adapter_layers", "config_for", "export_peft", "find_targets", "get_method",
     "gradient_svd_init_", "inject", "load_adapter", "merge", "method_names", "register_method", "save_adapter",
+    "unregister_method",
     "trainable_parameters", "unload", "unmerge",
 ]

@@ -22,7 +22,8 @@ class SparseLoraConfig:
         "The adaptation method, one of sa.method_names(): lora, sqft, sqft_gc, spp, spp_gc, lors, roselora (see "
         "each method's record, sparse_adapt/adapters/builtin_methods.py)."))
     r: int = field(default=16, metadata=_help("Adapter rank. For spp/spp_gc, out_features must be divisible by r."))
-    alpha: float = field(default=16.0, metadata=_help("Scale numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA)."))
+    alpha: float = field(default=16.0, metadata=_help(
+        "Scale numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA)."))
     target_modules: Union[str, Sequence[str]] = field(default="all-linear", metadata=_help(
         "Which nn.Linear modules to adapt: a list of names (a module matches if its qualified name equals an entry "
         "or ends with '.' + entry), a regular expression matched against the whole qualified name, or 'all-linear' "
@@ -100,7 +101,8 @@ class RoseLoraConfig(SparseLoraConfig):
 
     method: str = field(default="roselora", metadata=_help("Always 'roselora'."))
     sparsity: float = field(default=0.9, metadata=_help(
-        "Final fraction of zeros in each row of lora_A and each column of lora_B (the kept fraction τ = 1 − sparsity)."))
+        "Final fraction of zeros in each row of lora_A and each column of lora_B (the kept fraction "
+        "τ = 1 − sparsity)."))
     beta: float = field(default=0.8, metadata=_help("EMA factor of the sensitivity score: s ← β·s + (1−β)·|w·g|."))
     t_init: int = field(default=0, metadata=_help("Steps of dense training before pruning starts."))
     t_final: Optional[int] = field(default=None, metadata=_help(

@@ -133,7 +133,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Mod
     model_modules = {name for name, _ in adapter_layers(model)}
     if saved_modules != model_modules:
         raise ValueError(f"the saved adapter covers other modules than the model's: missing in the model "
-                         f"{sorted(saved_modules - model_modules)[:5]}, not in the file {sorted(model_modules - saved_modules)[:5]}")
+                         f"{sorted(saved_modules - model_modules)[:5]}, not in the file "
+                         f"{sorted(model_modules - saved_modules)[:5]}")
 
     expected = adapter_state(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

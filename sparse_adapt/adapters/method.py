@@ -118,3 +118,8 @@ def method_names() -> Tuple[str, ...]:
 def config_for(method: str, **fields) -> "object":
     """The config of `method` (its own config class) with `fields`: sa.config_for("roselora", r=8)."""
     return get_method(method).config_class(method=method, **fields)
+
+
+def unregister_method(name: str) -> Method:
+    """Remove a method registered earlier (the built-in ones too); returns its record."""
+    return _REGISTRY.pop(get_method(name).name)

@@ -58,7 +58,8 @@ def inject(model: nn.Module, config: SparseLoraConfig, calibration_batches=None,
         raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear in "
                          f"{type(model).__name__}; some of its linear layers: {linear_names}")
     if config.init == "gradient_svd" and calibration_batches is None:
-        raise ValueError("init='gradient_svd' needs calibration_batches: sa.inject(model, config, calibration_batches=...)")
+        raise ValueError("init='gradient_svd' needs calibration_batches: "
+                         "sa.inject(model, config, calibration_batches=...)")
     record = get_method(config.method)
     for name in targets:  # every layer is checked before any is replaced
         weight = model.get_submodule(name).weight

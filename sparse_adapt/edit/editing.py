@@ -40,7 +40,8 @@ class Edit:
 
     @staticmethod
     def from_dict(d: Dict) -> "Edit":
-        portability = [(p["prompt"], p["answer"]) if isinstance(p, dict) else tuple(p) for p in d.get("portability", ())]
+        portability = [(p["prompt"], p["answer"]) if isinstance(p, dict) else tuple(p)
+                       for p in d.get("portability", ())]
         return Edit(d.get("prompt", ""), d.get("target", ""), d.get("rephrasings", ()), portability)
 
 

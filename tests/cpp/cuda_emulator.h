@@ -52,8 +52,11 @@ class Barrier {
       return;
     }
     if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != gen; })) {
-      std::fprintf(stderr, "cuda_emulator: a barrier waited 60 s for %d of %d threads: a __syncthreads or "
-                           "__syncwarp that not every live thread reaches\n", expected_ - arrived_, expected_);
+      std::fprintf(
+          stderr,
+          "cuda_emulator: a barrier waited 60 s for %d of %d threads: a __syncthreads or "
+          "__syncwarp that not every live thread reaches\n",
+          expected_ - arrived_, expected_);
       std::abort();
     }
   }
@@ -87,7 +90,8 @@ struct Block {
   std::vector<unsigned char> dynamic;  // dynamic shared memory
 
   Block(int threads, size_t shared_bytes)
-      : block_barrier(std::make_unique<Barrier>(threads)), shuffle(threads, 0),
+      : block_barrier(std::make_unique<Barrier>(threads)),
+        shuffle(threads, 0),
         dynamic(shared_bytes + 16, 0xA5) {  // poisoned: a kernel must not read what it did not write
     for (int w = 0; w < (threads + 31) / 32; ++w) {
       warp_barriers.push_back(std::make_unique<Barrier>(std::min(32, threads - 32 * w)));

@@ -44,18 +44,26 @@ uint64_t bits(T v) {
 
 template <typename T>
 const char* name() {
-  if constexpr (std::is_same_v<T, float>) return "f32";
-  else if constexpr (std::is_same_v<T, double>) return "f64";
-  else if constexpr (std::is_same_v<T, c10::Half>) return "f16";
-  else return "bf16";
+  if constexpr (std::is_same_v<T, float>)
+    return "f32";
+  else if constexpr (std::is_same_v<T, double>)
+    return "f64";
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return "f16";
+  else
+    return "bf16";
 }
 
 template <typename T>
 mc::FactorType factor_type() {
-  if constexpr (std::is_same_v<T, float>) return mc::FactorType::kFloat;
-  else if constexpr (std::is_same_v<T, double>) return mc::FactorType::kDouble;
-  else if constexpr (std::is_same_v<T, c10::Half>) return mc::FactorType::kHalf;
-  else return mc::FactorType::kBFloat16;
+  if constexpr (std::is_same_v<T, float>)
+    return mc::FactorType::kFloat;
+  else if constexpr (std::is_same_v<T, double>)
+    return mc::FactorType::kDouble;
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return mc::FactorType::kHalf;
+  else
+    return mc::FactorType::kBFloat16;
 }
 
 // A factor as the kernel's load_factor reads it.
@@ -80,7 +88,9 @@ struct Guarded {
     first = (base + 63) / 64 * 64 - reinterpret_cast<uintptr_t>(raw.data()) + offset * sizeof(T);
     last = first + n * sizeof(T);
   }
-  T* get() { return reinterpret_cast<T*>(raw.data() + first); }
+  T* get() {
+    return reinterpret_cast<T*>(raw.data() + first);
+  }
   bool guards_intact() const {
     for (size_t i = 0; i < raw.size(); ++i) {
       if ((i < first || i >= last) && raw[i] != 0x5A) {
@@ -94,12 +104,12 @@ struct Guarded {
 // ---------------------------------------------------------------------------------------------- masked merge
 
 template <typename w_t, typename out_t, typename a_t, typename b_t>
-void test_merge(int64_t rows, int64_t cols, int64_t r, bool with_mask, bool in_place, size_t misalign,
-                std::mt19937& rng) {
+void test_merge(
+    int64_t rows, int64_t cols, int64_t r, bool with_mask, bool in_place, size_t misalign, std::mt19937& rng) {
   using acc_t = std::conditional_t<std::is_same_v<out_t, double>, double, float>;
   const std::string tag = std::string("merge ") + name<w_t>() + "->" + name<out_t>() + " A " + name<a_t>() + " B " +
-                          name<b_t>() + " " + std::to_string(rows) + "x" + std::to_string(cols) + " r=" +
-                          std::to_string(r) + (with_mask ? " mask" : "") + (in_place ? " in-place" : "") +
+                          name<b_t>() + " " + std::to_string(rows) + "x" + std::to_string(cols) +
+                          " r=" + std::to_string(r) + (with_mask ? " mask" : "") + (in_place ? " in-place" : "") +
                           (misalign ? " misaligned" : "");
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<float> uniform;
@@ -112,8 +122,10 @@ void test_merge(int64_t rows, int64_t cols, int64_t r, bool with_mask, bool in_p
     weight.get()[i] = static_cast<w_t>(uniform(rng) < 0.5f ? 0.0f : normal(rng));
     mask.get()[i] = uniform(rng) < 0.6f;
   }
-  for (auto& v : A) v = static_cast<a_t>(normal(rng));
-  for (auto& v : B) v = static_cast<b_t>(normal(rng));
+  for (auto& v : A)
+    v = static_cast<a_t>(normal(rng));
+  for (auto& v : B)
+    v = static_cast<b_t>(normal(rng));
   const std::vector<w_t> original(weight.get(), weight.get() + n);
   const acc_t scale = static_cast<acc_t>(0.37);
 
@@ -133,10 +145,19 @@ void test_merge(int64_t rows, int64_t cols, int64_t r, bool with_mask, bool in_p
 
   Guarded<out_t> out(n, misalign);
   out_t* out_ptr = in_place ? reinterpret_cast<out_t*>(weight.get()) : out.get();
-  mc::MergeParams<w_t, out_t, acc_t> p{weight.get(), A.data(), B.data(), with_mask ? mask.get() : nullptr, out_ptr,
-                                       scale, rows, cols, r, 0, factor_type<a_t>(), factor_type<b_t>()};
-  const bool aligned = reinterpret_cast<uintptr_t>(p.weight) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  mc::MergeParams<w_t, out_t, acc_t> p{weight.get(),
+                                       A.data(),
+                                       B.data(),
+                                       with_mask ? mask.get() : nullptr,
+                                       out_ptr,
+                                       scale,
+                                       rows,
+                                       cols,
+                                       r,
+                                       0,
+                                       factor_type<a_t>(),
+                                       factor_type<b_t>()};
+  const bool aligned = reinterpret_cast<uintptr_t>(p.weight) % 16 == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
   // A small "device" (2 resident blocks) so that blocks walk several row tiles.
   const mc::MergePlan plan = mc::plan_merge(rows, cols, r, sizeof(acc_t), aligned, 2);
   p.rank_chunk = plan.rank_chunk;
@@ -157,14 +178,14 @@ void test_merge(int64_t rows, int64_t cols, int64_t r, bool with_mask, bool in_p
   expect(out.guards_intact() && weight.guards_intact(), tag + ": wrote outside the output");
   expect(plan.vector == (aligned && cols % 8 == 0), tag + ": path choice");
   if (!in_place) {
-    expect(std::equal(original.begin(), original.end(), weight.get(),
-                      [](w_t a, w_t b) { return bits(a) == bits(b); }),
-           tag + ": weight changed");
+    expect(
+        std::equal(original.begin(), original.end(), weight.get(), [](w_t a, w_t b) { return bits(a) == bits(b); }),
+        tag + ": weight changed");
   }
 }
 
 void merge_suite(std::mt19937& rng) {
-  const int64_t shapes[][3] = {{1, 1, 1},    {7, 13, 3},    {33, 300, 8},  {64, 256, 16}, {130, 264, 64},
+  const int64_t shapes[][3] = {{1, 1, 1},     {7, 13, 3},    {33, 300, 8}, {64, 256, 16}, {130, 264, 64},
                                {40, 24, 100}, {70, 520, 65}, {96, 8, 2},   {5, 1024, 1},  {257, 16, 33}};
   // Every dtype combination on every shape would take minutes under the sanitizers: each shape gets two of the
   // four combinations, with and without a mask, rotating, so each combination meets five shapes.
@@ -190,9 +211,9 @@ void merge_suite(std::mt19937& rng) {
   for (const auto& s : {std::array<int64_t, 3>{33, 64, 8}, std::array<int64_t, 3>{65, 40, 70}}) {
     test_merge<double, double, double, double>(s[0], s[1], s[2], true, false, 0, rng);
     test_merge<c10::Half, c10::Half, c10::Half, float>(s[0], s[1], s[2], false, false, 0, rng);
-    test_merge<float, float, float, float>(s[0], s[1], s[2], false, true, 0, rng);          // in place
+    test_merge<float, float, float, float>(s[0], s[1], s[2], false, true, 0, rng);  // in place
     test_merge<c10::BFloat16, c10::BFloat16, float, float>(s[0], s[1], s[2], true, true, 0, rng);
-    test_merge<float, float, float, float>(s[0], s[1], s[2], true, false, 1, rng);          // misaligned: scalar
+    test_merge<float, float, float, float>(s[0], s[1], s[2], true, false, 1, rng);  // misaligned: scalar
     test_merge<c10::BFloat16, c10::BFloat16, float, float>(s[0], s[1], s[2], false, false, 3, rng);
   }
 }
@@ -251,8 +272,9 @@ void test_topk(const std::vector<std::array<int64_t, 4>>& specs, bool ties, int 
   std::vector<tc::TopkSlices> matrices;
   for (auto& c : cases) {
     const bool rows = c.dim == 1;
-    matrices.push_back({c.param.data(), c.grad.data(), c.score.data(), rows ? c.rows : c.cols,
-                        rows ? c.cols : c.rows, rows ? c.cols : 1, rows ? 1 : c.cols, c.k, 0});
+    matrices.push_back(
+        {c.param.data(), c.grad.data(), c.score.data(), rows ? c.rows : c.cols, rows ? c.cols : c.rows,
+         rows ? c.cols : 1, rows ? 1 : c.cols, c.k, 0});
   }
   for (const tc::TopkLaunch& l : tc::plan_topk(matrices, beta, sms)) {
     if (l.warp_teams) {
@@ -280,7 +302,7 @@ void test_topk(const std::vector<std::array<int64_t, 4>>& specs, bool ties, int 
 void topk_suite(std::mt19937& rng) {
   // {rows, cols, dim, k}: warp teams (n <= 1024) and block teams of 128..1024 threads, k = 0 and k = n, n = 1.
   const std::vector<std::array<int64_t, 4>> mixed = {
-      {8, 576, 1, 58}, {576, 8, 0, 58}, {16, 40, 1, 4},  {3, 5, 0, 0},   {1, 1, 1, 1},     {64, 1, 1, 1},
+      {8, 576, 1, 58}, {576, 8, 0, 58}, {16, 40, 1, 4},    {3, 5, 0, 0},      {1, 1, 1, 1},      {64, 1, 1, 1},
       {1, 64, 0, 1},   {12, 33, 1, 33}, {4, 1500, 1, 150}, {1800, 3, 0, 777}, {2, 5000, 1, 4999}};
   for (const bool ties : {false, true}) {
     test_topk<float>(mixed, ties, 132, rng);

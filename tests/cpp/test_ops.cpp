@@ -25,8 +25,9 @@ void expect(bool ok, const std::string& what) {
 void expect_close(const at::Tensor& got, const at::Tensor& want, const std::string& what, double tol = 1e-5) {
   const bool same_shape = got.sizes() == want.sizes();
   const double err = same_shape ? (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>() : INFINITY;
-  expect(same_shape && err <= tol * std::max(1.0, want.abs().max().item<double>()),
-         what + " (max error " + std::to_string(err) + ")");
+  expect(
+      same_shape && err <= tol * std::max(1.0, want.abs().max().item<double>()),
+      what + " (max error " + std::to_string(err) + ")");
 }
 
 using OptT = std::optional<at::Tensor>;
@@ -34,8 +35,9 @@ using OptT = std::optional<at::Tensor>;
 const auto& merge_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_merge", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const OptT&,
-                                         std::optional<at::ScalarType>)>();
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const OptT&,
+                           std::optional<at::ScalarType>)>();
   return op;
 }
 
@@ -49,33 +51,36 @@ const auto& merge_inplace_op() {
 const auto& linear_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("sparse_adapt::masked_lora_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&,
-                                         const at::Tensor&, double, const OptT&, bool, std::optional<at::ScalarType>)>();
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&, const at::Tensor&,
+                           double, const OptT&, bool, std::optional<at::ScalarType>)>();
   return op;
 }
 
 const auto& linear_backward_op() {
   using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparse_adapt::masked_lora_linear_backward", "")
-                       .typed<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const at::Tensor&, double, const OptT&, bool, std::array<bool, 5>,
-                                  std::optional<at::ScalarType>)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparse_adapt::masked_lora_linear_backward", "")
+          .typed<Out(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+              const OptT&, bool, std::array<bool, 5>, std::optional<at::ScalarType>)>();
   return op;
 }
 
 const auto& ema_topk_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparse_adapt::ema_topk_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparse_adapt::ema_topk_", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();
   return op;
 }
 
 const auto& ema_topk_multi_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparse_adapt::ema_topk_multi_", "")
-                       .typed<void(at::TensorList, at::TensorList, at::TensorList, double, at::IntArrayRef,
-                                   at::IntArrayRef)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparse_adapt::ema_topk_multi_", "")
+          .typed<void(at::TensorList, at::TensorList, at::TensorList, double, at::IntArrayRef, at::IntArrayRef)>();
   return op;
 }
 
@@ -105,10 +110,10 @@ void test_merge(at::ScalarType dtype, int64_t out, int64_t in, int64_t r) {
     // The autocast path: an fp32 weight and fp32 factors merged straight into bf16, one rounding.
     const at::Tensor direct = merge_op().call(w32, a32, b32, 0.5, std::nullopt, at::kBFloat16);
     expect(direct.scalar_type() == at::kBFloat16, "out_dtype gives a bf16 result " + tag);
-    expect(at::equal(direct.cpu(), ref.to(at::kFloat).to(at::kBFloat16)) ||
-               (direct.cpu().to(at::kDouble) - ref).abs().max().item<double>() <=
-                   ref.abs().max().item<double>() * 4e-3,
-           "fp32 weight merged into bf16 " + tag);
+    expect(
+        at::equal(direct.cpu(), ref.to(at::kFloat).to(at::kBFloat16)) ||
+            (direct.cpu().to(at::kDouble) - ref).abs().max().item<double>() <= ref.abs().max().item<double>() * 4e-3,
+        "fp32 weight merged into bf16 " + tag);
     expect(at::equal(direct.eq(0), w32.eq(0)), "fp32 -> bf16 merge keeps the zero pattern " + tag);
   }
 }
@@ -122,8 +127,9 @@ void test_linear() {
   const at::Tensor merged = reference_merge(w, a, b, s, std::nullopt);
   const auto d = [](const at::Tensor& t) { return t.to(device); };
   const std::string on = " on " + device.str();
-  expect_close(linear_op().call(d(x), d(w), d(bias), d(a), d(b), s, std::nullopt, false, std::nullopt).cpu(),
-               at::linear(x, merged, bias), "masked_lora_linear forward" + on);
+  expect_close(
+      linear_op().call(d(x), d(w), d(bias), d(a), d(b), s, std::nullopt, false, std::nullopt).cpu(),
+      at::linear(x, merged, bias), "masked_lora_linear forward" + on);
 
   auto [gx, gw, gbias, ga, gb] = linear_backward_op().call(
       d(gy), d(x), d(w), d(a), d(b), s, std::nullopt, false, {true, true, true, true, true}, std::nullopt);
@@ -141,16 +147,17 @@ void test_linear() {
   expect(std::get<0>(exact).numel() == 0 && std::get<1>(exact).numel() == 0, "unrequested gradients are empty" + on);
 
   // Mixed precision (what autocast passes): bf16 compute, fp32 weight and adapters, fp32 adapter gradients.
-  const at::Tensor y16 = linear_op().call(
-      d(x).to(at::kBFloat16), d(w), d(bias), d(a), d(b), s, std::nullopt, false, at::kBFloat16);
+  const at::Tensor y16 =
+      linear_op().call(d(x).to(at::kBFloat16), d(w), d(bias), d(a), d(b), s, std::nullopt, false, at::kBFloat16);
   expect(y16.scalar_type() == at::kBFloat16, "compute_dtype=bf16 gives a bf16 output" + on);
   expect_close(y16.cpu(), at::linear(x, merged, bias), "compute_dtype=bf16 forward" + on, 3e-2);
   auto mixed = linear_backward_op().call(
       d(gy).to(at::kBFloat16), d(x).to(at::kBFloat16), d(w), d(a), d(b), s, std::nullopt, false,
       {true, false, false, true, true}, at::kBFloat16);
-  expect(std::get<0>(mixed).scalar_type() == at::kBFloat16 && std::get<3>(mixed).scalar_type() == at::kFloat &&
-             std::get<4>(mixed).scalar_type() == at::kFloat,
-         "mixed precision: grad_x in bf16, fp32 adapters get fp32 gradients" + on);
+  expect(
+      std::get<0>(mixed).scalar_type() == at::kBFloat16 && std::get<3>(mixed).scalar_type() == at::kFloat &&
+          std::get<4>(mixed).scalar_type() == at::kFloat,
+      "mixed precision: grad_x in bf16, fp32 adapters get fp32 gradients" + on);
 }
 
 void test_ema_topk() {
@@ -165,9 +172,10 @@ void test_ema_topk() {
     const at::Tensor sc = s.cpu();
     const at::Tensor kth = std::get<0>(sc.topk(k, dim)).narrow(dim, k - 1, 1);
     const at::Tensor keep = sc.ge(kth);
-    expect(at::equal(p.cpu(), at::where(keep, p0, at::zeros_like(p0))) &&
-               at::equal(keep.sum(dim), at::full({p.size(1 - dim)}, k, at::kLong)),
-           "ema_topk_ keeps the top-k of each slice, dim " + std::to_string(dim) + on);
+    expect(
+        at::equal(p.cpu(), at::where(keep, p0, at::zeros_like(p0))) &&
+            at::equal(keep.sum(dim), at::full({p.size(1 - dim)}, k, at::kLong)),
+        "ema_topk_ keeps the top-k of each slice, dim " + std::to_string(dim) + on);
   }
   // The multi-tensor form equals one call per matrix.
   std::vector<at::Tensor> ps, gs, ss, ps1, ss1;
