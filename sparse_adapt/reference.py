@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def keep_mask(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def merge_mask(weight: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """M: the explicit mask, else the weight's own non-zeros."""
     return weight != 0 if mask is None else mask
 
 
 def masked_merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor] = None) -> Tensor:
     """``weight + scale * (lora_B @ lora_A) ⊙ M``; differentiable, with the exact gradients."""
-    return weight + scale * (lora_B @ lora_A) * keep_mask(weight, mask)
+    return weight + scale * (lora_B @ lora_A) * merge_mask(weight, mask)
 
 
 def _straight_through(t: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ def masked_lora_linear(
     """
     if exact_grad:
         return F.linear(x, masked_merge(weight, lora_A, lora_B, scale, mask), bias)
-    delta = (scale * (lora_B @ lora_A) * keep_mask(weight, mask)).detach()
+    delta = (scale * (lora_B @ lora_A) * merge_mask(weight, mask)).detach()
     lora = scale * F.linear(F.linear(x.detach(), lora_A), lora_B)
     return F.linear(x, weight + delta, bias) + _straight_through(lora)
 
