@@ -8,6 +8,7 @@
 // every backend.
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <array>
 #include <optional>
@@ -36,6 +37,20 @@ void masked_merge_(
     MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
     const std::optional<at::Tensor>& mask);
 
+// What a backend's TORCH_LIBRARY_IMPL block calls to register its merge kernel for masked_merge and masked_merge_.
+template <MergeLauncher launch>
+void bind_masked_merge(torch::Library& m) {
+  m.impl(
+      "masked_merge", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
+        return masked_merge(launch, weight, lora_A, lora_B, scale, mask, out_dtype);
+      });
+  m.impl(
+      "masked_merge_",
+      [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+         const std::optional<at::Tensor>& mask) { masked_merge_(launch, weight, lora_A, lora_B, scale, mask); });
+}
+
 // ---- ema_topk_ / ema_topk_multi_ -----------------------------------------------------------------------------
 // Entry i of slice j of a matrix is at j * slice_stride + i * elem_stride of its param, grad and score.
 struct SliceLayout {
@@ -59,6 +74,18 @@ void ema_topk_(
 void ema_topk_multi_(
     EmaTopkLauncher launch, at::TensorList params, at::TensorList grads, at::TensorList scores, double beta,
     at::IntArrayRef ks, at::IntArrayRef dims);
+
+// What a backend's TORCH_LIBRARY_IMPL block calls to register its kernel for ema_topk_ and ema_topk_multi_.
+template <EmaTopkLauncher launch>
+void bind_ema_topk(torch::Library& m) {
+  m.impl(
+      "ema_topk_", [](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
+                      int64_t dim) { ema_topk_(launch, param, grad, score, beta, k, dim); });
+  m.impl(
+      "ema_topk_multi_",
+      [](at::TensorList params, at::TensorList grads, at::TensorList scores, double beta, at::IntArrayRef ks,
+         at::IntArrayRef dims) { ema_topk_multi_(launch, params, grads, scores, beta, ks, dims); });
+}
 
 // ---- device-generic ops (ops/masked_lora_linear.cpp): the merge through the dispatcher, GEMMs through ATen -----
 // (grad_A, grad_B) of merged w.r.t. lora_A, lora_B given grad (out, in) of merged; output_mask = (A, B). Each

@@ -183,13 +183,7 @@ void ema_topk_launch_cpu(const std::vector<TopkMatrix>& matrices, double beta) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_adapt, CPU, m) {
-  m.impl(
-      "ema_topk_", [](const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
-                      int64_t dim) { ema_topk_(ema_topk_launch_cpu, param, grad, score, beta, k, dim); });
-  m.impl(
-      "ema_topk_multi_",
-      [](at::TensorList params, at::TensorList grads, at::TensorList scores, double beta, at::IntArrayRef ks,
-         at::IntArrayRef dims) { ema_topk_multi_(ema_topk_launch_cpu, params, grads, scores, beta, ks, dims); });
+  bind_ema_topk<ema_topk_launch_cpu>(m);
 }
 
 }  // namespace sparse_adapt

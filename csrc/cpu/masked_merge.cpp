@@ -164,16 +164,7 @@ void masked_merge_launch_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_adapt, CPU, m) {
-  m.impl(
-      "masked_merge", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                         const std::optional<at::Tensor>& mask, std::optional<at::ScalarType> out_dtype) {
-        return masked_merge(masked_merge_launch_cpu, weight, lora_A, lora_B, scale, mask, out_dtype);
-      });
-  m.impl(
-      "masked_merge_", [](const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                          const std::optional<at::Tensor>& mask) {
-        masked_merge_(masked_merge_launch_cpu, weight, lora_A, lora_B, scale, mask);
-      });
+  bind_masked_merge<masked_merge_launch_cpu>(m);
 }
 
 }  // namespace sparse_adapt
