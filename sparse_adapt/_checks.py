@@ -1,6 +1,8 @@
 """The argument checks of csrc/common/checks.cpp, line for line, for the fake kernels: a traced or compiled call
 refuses exactly what the kernels refuse, with exactly their message and exception type (tests/test_errors.py
-compares them). Keep the two files in step: same checks, same order, same words."""
+compares them). Keep the two files in step: same checks, same order, same words. (check_in_place_operands, the
+in-place ops' checks of grad mode, inference tensors and shared memory, is not mirrored: it concerns run-time state
+that a traced, functionalized graph does not have.)"""
 
 import math
 from typing import Optional

@@ -1,6 +1,7 @@
 """The command line: ``sparse-adapt demo`` and ``sparse-adapt edit`` (also ``python -m sparse_adapt ...``)."""
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -10,6 +11,7 @@ from .adapters import get_method, method_names
 def _demo(args) -> int:
     from . import demo
 
+    _check_writable_dir(args.out)
     common = dict(threads=args.threads, device=args.device, out_dir=args.out, sparsity=args.sparsity,
                   pruner=args.pruner, seed=args.seed, progress=not args.no_progress)
     for name in ("steps", "layers", "lr", "r"):
@@ -40,38 +42,58 @@ def _demo(args) -> int:
 
 def _read_edits(path: str):
     """edits.jsonl: one JSON object per line with prompt, target and optionally rephrasings, portability
-    ([{"prompt", "answer"}]) and locality (prompts whose continuations must not change)."""
+    ([{"prompt", "answer"}]) and locality (prompts whose continuations must not change). Every line is checked
+    before anything runs."""
     import json
 
     from .edit import Edit
 
     edits, locality = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                edits.append(Edit.from_dict(d))
-            except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-                raise SystemExit(f"{path}:{n}: {e}") from None
-            locality += d.get("locality", [])
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise SystemExit(f"{path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            if not isinstance(d, dict):
+                raise ValueError(f"each line must be a JSON object, got {type(d).__name__}")
+            edits.append(Edit.from_dict(d))
+            locality += _string_list(d.get("locality", []), "locality")
+        except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+            raise SystemExit(f"{path}:{n}: {e}") from None
     if not edits:
         raise SystemExit(f"{path}: no edits")
     return edits, locality
 
 
+def _string_list(value, name: str) -> List[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+    return value
+
+
 def _edit(args) -> int:
     import torch
 
-    from .adapters import save_adapter
+    from .adapters import merge, save_adapter
     from .assets import models
     from .edit import EditConfig, apply_edits, results_table
 
     edits, locality = _read_edits(args.edits)
+    if args.out:
+        _check_writable_file(args.out)
+    if args.save_adapter:
+        _check_writable_dir(args.save_adapter)
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load_smollm2()
-    config = EditConfig(method=args.method, steps=args.steps, merge=args.merge)
+    # With --save-adapter the adapter is saved unmerged first, and merged after (--merge).
+    config = EditConfig(method=args.method, steps=args.steps, merge=args.merge and not args.save_adapter)
     model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
     text = results_table([m]) + "\n\n" + "\n".join(
         f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
@@ -80,9 +102,74 @@ def _edit(args) -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
-    if args.save_adapter and args.method != "ft-l" and not args.merge:
+    if args.save_adapter:
         save_adapter(model, args.save_adapter)
+        print(f"adapter saved to {args.save_adapter}")
+        if args.merge:
+            merge(model)
     return 0
+
+
+# ---------------------------------------------------------------------------------------- argument checking
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _sparsity(text: str):
+    """'N:M' stays a string; anything else must be a fraction in [0, 1)."""
+    from .prune import parse_sparsity
+
+    value = text if ":" in text else None
+    if value is None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'N:M' or a fraction in [0, 1), got {text!r}") from None
+    try:
+        parse_sparsity(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _check_writable_dir(path: str) -> None:
+    """Create the directory and write a file in it now, so that an unusable output path fails before the run."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"sparse-adapt: cannot write to {path!r}: {e.strerror or e}") from None
+
+
+def _check_writable_file(path: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"sparse-adapt: {path!r} is a directory; --out takes a file name")
+    _check_writable_dir(parent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,13 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "only the first n decoder layers")
     demo.add_argument("--compare", action="store_true", help="also run lora, sqft and spp with the same budget")
     demo.add_argument("--method", default="lors", choices=method_names())
-    demo.add_argument("--sparsity", default="2:4", help="'N:M' or a fraction (default 2:4)")
+    demo.add_argument("--sparsity", default="2:4", type=_sparsity, help="'N:M' or a fraction (default 2:4)")
     demo.add_argument("--pruner", default="wanda", choices=("wanda", "magnitude"))
-    demo.add_argument("--steps", type=int)
-    demo.add_argument("--layers", type=int, help="keep only the first n decoder layers")
-    demo.add_argument("--lr", type=float)
-    demo.add_argument("--r", type=int)
-    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--steps", type=_positive_int)
+    demo.add_argument("--layers", type=_positive_int, help="keep only the first n decoder layers")
+    demo.add_argument("--lr", type=_positive_float)
+    demo.add_argument("--r", type=_positive_int)
+    demo.add_argument("--threads", type=_positive_int, default=2)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo", help="directory for report.md, results.json, perplexity.png")
@@ -116,18 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
                                     "generalization, locality, portability, fluency and weights changed.")
     ed.add_argument("--edits", required=True, help="JSONL: prompt, target[, rephrasings, portability, locality]")
     ed.add_argument("--method", default="roselora", choices=EDIT_METHODS)
-    ed.add_argument("--steps", type=int, default=40)
+    ed.add_argument("--steps", type=_positive_int, default=40)
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
-    ed.add_argument("--save-adapter", help="directory to save the (unmerged) adapter to")
+    ed.add_argument("--save-adapter", help="directory to save the (unmerged) adapter to (roselora, lora)")
     ed.add_argument("--out", help="write the results table here (Markdown)")
-    ed.add_argument("--threads", type=int, default=2)
+    ed.add_argument("--threads", type=_positive_int, default=2)
     ed.add_argument("--device", default="cpu")
     ed.set_defaults(run=_edit)
+    ed.set_defaults(check=_check_edit_args)
     return parser
 
 
+def _check_edit_args(parser: argparse.ArgumentParser, args) -> None:
+    if args.save_adapter and args.method == "ft-l":
+        parser.error("--save-adapter needs an adapter method (roselora, lora); ft-l changes a weight directly")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(parser, args)
     return args.run(args)
 
 

@@ -5,6 +5,7 @@ without running it, and differentiable ops get autograd whose backward is itself
 traces too. ``sparse_adapt.reference`` holds the pure-PyTorch definitions the kernels are tested against.
 """
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -50,7 +51,10 @@ def masked_merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, m
 
 
 def masked_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, mask: Optional[Tensor] = None) -> None:
-    """In-place :func:`masked_merge` (merge; unmerge with ``-scale``). Never makes a zero of ``M`` non-zero."""
+    """In-place :func:`masked_merge` (merge; unmerge with ``-scale``). Never makes a zero of ``M`` non-zero, nor a
+    non-zero weight zero (a kept weight whose sum rounds to 0 becomes the dtype's smallest normal number), so an
+    unmerge restores the zero pattern exactly. Not differentiable: call it under ``torch.no_grad()`` when any
+    operand requires grad. Refuses ``lora_A``/``lora_B``/``mask`` that share memory with ``weight``."""
     _ops.masked_merge_.default(weight, lora_A, lora_B, float(scale), mask)
 
 
@@ -199,16 +203,26 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------------------- ema_topk_
 
 
+def _integer(name: str, value) -> int:
+    """An int argument as the op takes it: a float or bool is refused, not truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
 def ema_topk_(param: Tensor, grad: Tensor, score: Tensor, beta: float, k: int, dim: int) -> None:
     """RoseLoRA's sensitivity-based pruning step, in place, in one fused pass per matrix.
 
     ``score ← beta·score + (1−beta)·|param ⊙ grad|`` (score is float32, param's shape); then along ``dim`` every
     slice of ``param`` keeps its ``k`` entries of largest score and the rest are set to 0. Ties go to the lower
     index (a NaN score ranks lowest), so CPU and CUDA pick the same entries. ``dim=1`` on ``lora_A (r, in)``
-    prunes each row, ``dim=0`` on ``lora_B (out, r)`` each column. Not differentiable: it runs under no_grad.
+    prunes each row, ``dim=0`` on ``lora_B (out, r)`` each column. Not differentiable: as for torch's own in-place
+    ops, call it under ``torch.no_grad()`` when ``param`` requires grad.
     """
-    with torch.no_grad():
-        _ops.ema_topk_.default(param, grad, score, float(beta), int(k), int(dim))
+    _ops.ema_topk_.default(param, grad, score, float(beta), _integer("k", k), _integer("dim", dim))
 
 
 @torch.library.register_fake("sparse_adapt::ema_topk_")
@@ -221,9 +235,9 @@ def ema_topk_multi_(params: Sequence[Tensor], grads: Sequence[Tensor], scores: S
     """:func:`ema_topk_` on many matrices in one call: ``params[i]`` keeps ``ks[i]`` entries per slice along
     ``dims[i]``. Every matrix is checked before any is changed; on CUDA they share one kernel launch per 48 matrices
     (per dtype), which is what makes RoseLoRA's per-step pruning of hundreds of adapters cheap."""
-    with torch.no_grad():
-        _ops.ema_topk_multi_.default(list(params), list(grads), list(scores), float(beta), [int(k) for k in ks],
-                                     [int(d) for d in dims])
+    _ops.ema_topk_multi_.default(list(params), list(grads), list(scores), float(beta),
+                                 [_integer(f"ks[{i}]", k) for i, k in enumerate(ks)],
+                                 [_integer(f"dims[{i}]", d) for i, d in enumerate(dims)])
 
 
 @torch.library.register_fake("sparse_adapt::ema_topk_multi_")

@@ -71,15 +71,31 @@ class PruneReport:
                          [f"| {n} | {s:.4f} |" for n, s in self.sparsity.items()])
 
 
+def _check_prunable(model: nn.Module, names: List[str], sparsity: Sparsity, target_modules) -> None:
+    """Everything that could make pruning fail, for every layer, before any weight changes."""
+    kind, _, n, m = parse_sparsity(sparsity)
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear")
+    if kind == "n:m":
+        bad = [(name, model.get_submodule(name).in_features) for name in names
+               if model.get_submodule(name).in_features % m]
+        if bad:
+            raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}; these layers are not: "
+                             f"{', '.join(f'{name} (in_features={i})' for name, i in bad[:5])}")
+
+
 @torch.no_grad()
 def _apply(model: nn.Module, names: List[str], score_fn: Callable[[str, nn.Linear], Tensor], sparsity: Sparsity,
            progress: bool) -> PruneReport:
-    parse_sparsity(sparsity)
+    # Every layer's mask is computed once before any weight changes, so that a layer that cannot be scored fails
+    # the call with nothing pruned; then computed again (the same, deterministically) and applied. Keeping all the
+    # masks instead would hold a byte per weight of the whole model.
+    for name in names:
+        keep_mask(score_fn(name, model.get_submodule(name)), sparsity)
     achieved = {}
     for name in progress_bar(names, "pruning", enabled=progress):
         layer = model.get_submodule(name)
-        keep = keep_mask(score_fn(name, layer), sparsity)
-        layer.weight.mul_(keep.to(layer.weight.device))
+        layer.weight.mul_(keep_mask(score_fn(name, layer), sparsity).to(layer.weight.device))
         achieved[name] = float((layer.weight == 0).float().mean())
     return PruneReport(achieved, sparsity)
 
@@ -87,6 +103,7 @@ def _apply(model: nn.Module, names: List[str], score_fn: Callable[[str, nn.Linea
 def magnitude_(model: nn.Module, sparsity: Sparsity, target_modules="all-linear", progress: bool = True) -> PruneReport:
     """Zero the smallest-magnitude weights of every targeted nn.Linear, in place."""
     names = find_targets(model, target_modules)
+    _check_prunable(model, names, sparsity, target_modules)
     return _apply(model, names, lambda _, layer: layer.weight.detach().abs().float(), sparsity, progress)
 
 
@@ -98,10 +115,8 @@ def _default_forward(model: nn.Module, batch) -> None:
 def wanda_(model: nn.Module, calibration_batches: Iterable, sparsity: Sparsity, target_modules="all-linear",
            forward_fn: Optional[Callable] = None, progress: bool = True) -> PruneReport:
     """Wanda: zero the weights of smallest |W_ij| · ‖X_j‖₂ in every targeted nn.Linear, in place."""
-    parse_sparsity(sparsity)
     names = find_targets(model, target_modules)
-    if not names:
-        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear")
+    _check_prunable(model, names, sparsity, target_modules)
     sq_norms: Dict[str, Tensor] = {}
 
     def hook(name):

@@ -49,10 +49,18 @@ def masked_lora_linear(
     return F.linear(x, weight + delta, bias) + _straight_through(lora)
 
 
+def ordered_score(score: Tensor) -> Tensor:
+    """The kernels' ranking key of a float32 score as an int64 of the same order: -inf < ... < -0 == +0 < ... < +inf,
+    and NaN (of either sign) below everything."""
+    s = score.float()
+    magnitude = s.abs().view(torch.int32).to(torch.int64)
+    key = torch.where(s < 0, (1 << 31) - 1 - magnitude, (1 << 31) + magnitude)
+    return torch.where(torch.isnan(s), torch.zeros_like(key), key)
+
+
 def topk_keep_mask(score: Tensor, k: int, dim: int) -> Tensor:
     """Bool mask of the k largest scores of every slice along dim; ties go to the lower index, NaN ranks lowest."""
-    ranked = torch.nan_to_num(score.float(), nan=-float("inf"))
-    order = torch.sort(ranked, dim=dim, descending=True, stable=True).indices
+    order = torch.sort(ordered_score(score), dim=dim, descending=True, stable=True).indices
     keep = torch.zeros_like(score, dtype=torch.bool)
     return keep.scatter_(dim, order.narrow(dim, 0, k), True)
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_adapters import adapted, config_for, train_steps
 
@@ -53,11 +54,18 @@ def test_truncated_config(saved):
     assert_refused_without_change(d, "not valid JSON")
 
 
+def resave(path, tensors):
+    """Rewrite a weights file with other tensors and its own metadata (the embedded config and save id)."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, path, metadata=metadata)
+
+
 def test_missing_tensor(saved):
     _, d = saved
     tensors = load_file(d / WEIGHTS_NAME)
     tensors.pop(sorted(tensors)[0])
-    save_file(tensors, d / WEIGHTS_NAME)
+    resave(d / WEIGHTS_NAME, tensors)
     assert_refused_without_change(d, "missing")
 
 
@@ -66,7 +74,7 @@ def test_shape_mismatch(saved):
     tensors = load_file(d / WEIGHTS_NAME)
     key = sorted(k for k in tensors if k.endswith("lora_A"))[-1]
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
-    save_file(tensors, d / WEIGHTS_NAME)
+    resave(d / WEIGHTS_NAME, tensors)
     assert_refused_without_change(d, "made for another model")
 
 

@@ -113,7 +113,7 @@ def test_edit_cli(tmp_path, smollm2):
                                  "rephrasings": ["France's capital is"], "locality": ["The capital of Spain is"]}))
     out = tmp_path / "results.md"
     assert cli.main(["edit", "--edits", str(edits), "--steps", "30", "--out", str(out),
-                        "--save-adapter", str(tmp_path / "adapter")]) == 0
+                     "--save-adapter", str(tmp_path / "adapter"), "--merge"]) == 0  # saved, then merged
     assert "| roselora | 1 |" in out.read_text()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     bad = tmp_path / "bad.jsonl"

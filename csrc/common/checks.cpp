@@ -1,5 +1,10 @@
 #include "common/checks.h"
 
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -163,6 +168,83 @@ int64_t check_ema_topk_operands(
       " along dim ", dim, "), got ", k);
   TORCH_CHECK(n <= 0xFFFFFFFFLL, "sparse_adapt.", op, ": slices longer than 2^32 entries are not supported");
   return d;
+}
+
+std::string InPlaceOperand::display_name() const {
+  return index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+}
+
+namespace {
+
+// The bytes of its storage that a tensor can reach.
+struct Span {
+  const char* begin;
+  const char* end;
+  const InPlaceOperand* operand;
+};
+
+Span span_of(const InPlaceOperand& operand) {
+  const at::Tensor& t = *operand.tensor;
+  const char* base = static_cast<const char*>(t.storage().data()) + t.storage_offset() * t.element_size();
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    extent += (t.size(d) - 1) * t.stride(d);
+  }
+  return {base, base + extent * t.element_size(), &operand};
+}
+
+}  // namespace
+
+void check_in_place_operands(const char* op, const std::vector<InPlaceOperand>& operands) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const InPlaceOperand& operand : operands) {
+    const at::Tensor& t = *operand.tensor;
+    if (!t.defined()) {
+      continue;
+    }
+    TORCH_CHECK(
+        !(grad_mode && t.requires_grad()), "sparse_adapt.", op, ": ", operand.display_name(), " requires grad, but ",
+        op, " is not differentiable (it ", operand.written ? "writes it in place" : "would drop its gradient",
+        "); call it under torch.no_grad()");
+    if (!operand.written) {
+      continue;
+    }
+    TORCH_CHECK(
+        !t.is_inference() || c10::InferenceMode::is_enabled(), "sparse_adapt.", op, ": ", operand.display_name(),
+        " is an inference tensor; it can be updated in place only inside torch.inference_mode()");
+    TORCH_CHECK(
+        at::has_internal_overlap(t) != at::MemOverlap::Yes, "sparse_adapt.", op, ": ", operand.display_name(),
+        " has elements that share memory (an expanded tensor?); it cannot be written in place -- clone it first");
+  }
+  // Every written operand must share no memory with any other: sweep the spans in address order, remembering
+  // the one that reaches furthest so far. (Conservative for interleaved views of one storage, which it refuses.)
+  std::vector<Span> spans;
+  spans.reserve(operands.size());
+  for (const InPlaceOperand& operand : operands) {
+    if (operand.tensor->defined() && operand.tensor->numel() > 0) {
+      spans.push_back(span_of(operand));
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  size_t reach = 0;
+  for (size_t i = 1; i < spans.size(); ++i) {
+    const Span& prev = spans[reach];
+    const Span& cur = spans[i];
+    TORCH_CHECK(
+        cur.begin >= prev.end || (!cur.operand->written && !prev.operand->written), "sparse_adapt.", op, ": ",
+        prev.operand->display_name(), " and ", cur.operand->display_name(), " share memory, and ", op, " writes ",
+        prev.operand->written ? prev.operand->display_name() : cur.operand->display_name(),
+        "; pass tensors that do not overlap (clone one of them)");
+    if (cur.end > prev.end) {
+      reach = i;
+    }
+  }
+}
+
+void bump_version(const at::Tensor& t) {
+  if (!t.is_inference()) {  // inference tensors have no version counter
+    t.unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 }  // namespace sparse_adapt

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace sparse_adapt {
 
@@ -43,5 +44,29 @@ void check_floating_dtype(const char* op, const char* name, at::ScalarType dtype
 int64_t check_ema_topk_operands(
     const char* op, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
     int64_t dim, int64_t index = -1);
+
+// One tensor operand of an in-place op: its name in messages ("weight", or "params[3]" with index 3) and whether
+// the op writes it.
+struct InPlaceOperand {
+  const at::Tensor* tensor;
+  const char* name;
+  int64_t index;  // -1: the name alone
+  bool written;
+
+  std::string display_name() const;
+};
+
+// What torch's own in-place ops refuse, for the operands of an op that writes some of them (masked_merge_,
+// ema_topk_, ema_topk_multi_), checked before anything is written:
+// - with grad mode on, any operand that requires grad (the op is not differentiable: the write would be invisible
+//   to autograd, or a gradient would be dropped silently) -- call it under torch.no_grad();
+// - a written inference tensor outside torch.inference_mode();
+// - a written tensor whose elements overlap (an expanded view);
+// - a written tensor sharing memory with any other operand (a view of another operand).
+void check_in_place_operands(const char* op, const std::vector<InPlaceOperand>& operands);
+
+// Tells autograd that `t` was modified in place (what every in-place ATen op does), so that a tensor saved for a
+// backward and then written by a sparse_adapt op is detected when that backward runs.
+void bump_version(const at::Tensor& t);
 
 }  // namespace sparse_adapt

@@ -7,6 +7,8 @@
 
 #include "kernels/macros.h"
 
+#include <limits>
+
 namespace sparse_adapt::kernels {
 
 // One rank's contribution to a TR x TC register tile of B @ A: acc[i][j] += b[i] * a[j]. Every element sums its r
@@ -30,11 +32,31 @@ SA_HOST_DEVICE bool weight_keeps(w_t w) {
   return static_cast<acc_t>(w) != acc_t(0);
 }
 
+// The smallest normal number of out_t, in acc_t: what a kept weight becomes when its merge rounds to exactly 0.
+// (Normal, not subnormal: with denormals flushed, a subnormal would compare equal to 0 again.)
+template <typename out_t, typename acc_t>
+SA_HOST_DEVICE acc_t smallest_normal() {
+  return static_cast<acc_t>(std::numeric_limits<out_t>::min());
+}
+
 // One rounding to the output dtype, after the accumulation. A masked-out element is the weight converted to the
-// output dtype: bit for bit when the dtypes agree, and a zero stays a zero in every conversion.
+// output dtype: bit for bit when the dtypes agree, and a zero stays a zero in every conversion. A kept non-zero
+// weight stays non-zero: where w + scale·delta rounds to exactly 0 (cancellation, or underflow in a half dtype)
+// the result is the smallest normal number with the sum's sign (w's, on an exact cancellation), so the merged
+// weight keeps the zero pattern and an unmerge, which reads the pattern back from the merged weight, finds it.
 template <typename out_t, typename acc_t, typename w_t>
 SA_HOST_DEVICE out_t merged_value(w_t w, acc_t delta, acc_t scale, bool keep) {
-  return keep ? static_cast<out_t>(static_cast<acc_t>(w) + scale * delta) : static_cast<out_t>(w);
+  const acc_t wv = static_cast<acc_t>(w);
+  if (!keep) {
+    return static_cast<out_t>(w);
+  }
+  const acc_t sum = wv + scale * delta;
+  const out_t merged = static_cast<out_t>(sum);
+  if (static_cast<acc_t>(merged) == acc_t(0) && wv != acc_t(0)) {
+    const acc_t tiny = smallest_normal<out_t, acc_t>();
+    return static_cast<out_t>((sum < acc_t(0) || (sum == acc_t(0) && wv < acc_t(0))) ? -tiny : tiny);
+  }
+  return merged;
 }
 
 }  // namespace sparse_adapt::kernels

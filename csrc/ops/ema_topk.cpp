@@ -1,5 +1,6 @@
-// Front-ends of ema_topk_ and ema_topk_multi_: every matrix is checked (and the written ones for overlap) before
-// any is touched; then the slice layouts, contiguity, and one call of the backend's launcher per (device, dtype).
+// Front-ends of ema_topk_ and ema_topk_multi_: every matrix is checked (its arguments, then what an in-place op
+// must check: grad mode, inference tensors, overlap) before any is touched; then the slice layouts, contiguity,
+// and one call of the backend's launcher per (device, dtype).
 
 #include "common/checks.h"
 #include "ops.h"
@@ -10,10 +11,8 @@
 namespace sparse_adapt {
 namespace {
 
-TopkMatrix prepare(
-    const char* op, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta, int64_t k,
-    int64_t dim, int64_t index) {
-  const int64_t d = check_ema_topk_operands(op, param, grad, score, beta, k, dim, index);
+// A matrix whose operands have been checked (d: dim made non-negative).
+TopkMatrix prepare(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, int64_t k, int64_t d) {
   const int64_t rows = param.size(0), cols = param.size(1);
   // dim=1: one slice per row, contiguous. dim=0: one slice per column, strided by the row length.
   const SliceLayout layout = d == 1 ? SliceLayout{rows, cols, cols, 1} : SliceLayout{cols, rows, 1, cols};
@@ -30,53 +29,23 @@ void write_back(const TopkMatrix& m, const at::Tensor& param, const at::Tensor& 
   }
 }
 
-// The bytes of t's storage that t can reach; `kind` 0/1/2 = params/grads/scores, `index` the matrix.
-struct Span {
-  const char* begin;
-  const char* end;
-  int kind;
-  size_t index;
-
-  bool written() const {
-    return kind != 1;
+// Every operand of the call, for check_in_place_operands: params and scores are written, grads read.
+void check_operands(const char* op, at::TensorList params, at::TensorList grads, at::TensorList scores, bool multi) {
+  std::vector<InPlaceOperand> operands;
+  operands.reserve(3 * params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t index = multi ? static_cast<int64_t>(i) : -1;
+    operands.push_back({&params[i], multi ? "params" : "param", index, true});
+    operands.push_back({&grads[i], multi ? "grads" : "grad", index, false});
+    operands.push_back({&scores[i], multi ? "scores" : "score", index, true});
   }
-  std::string name() const {
-    static const char* kinds[] = {"params", "grads", "scores"};
-    return std::string(kinds[kind]) + "[" + std::to_string(index) + "]";
-  }
-};
-
-Span span_of(const at::Tensor& t, int kind, size_t index) {
-  const char* base = static_cast<const char*>(t.storage().data()) + t.storage_offset() * t.element_size();
-  int64_t extent = 1;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    extent += (t.size(d) - 1) * t.stride(d);
-  }
-  return {base, base + extent * t.element_size(), kind, index};
+  check_in_place_operands(op, operands);
 }
 
-// A matrix the call writes (a param or a score) must share no memory with any other operand: the kernels update
-// the matrices concurrently.
-void check_no_overlap(const char* op, at::TensorList params, at::TensorList grads, at::TensorList scores) {
-  std::vector<Span> spans;
-  spans.reserve(3 * params.size());
+void bump_versions(at::TensorList params, at::TensorList scores) {
   for (size_t i = 0; i < params.size(); ++i) {
-    spans.push_back(span_of(params[i], 0, i));
-    spans.push_back(span_of(grads[i], 1, i));
-    spans.push_back(span_of(scores[i], 2, i));
-  }
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
-  // Sweep in address order, remembering the span that reaches furthest so far.
-  size_t reach = 0;
-  for (size_t i = 1; i < spans.size(); ++i) {
-    const Span& prev = spans[reach];
-    const Span& cur = spans[i];
-    TORCH_CHECK(
-        cur.begin >= prev.end || (!cur.written() && !prev.written()), "sparse_adapt.", op, ": ", prev.name(), " and ",
-        cur.name(), " share memory; every param and score must be its own tensor");
-    if (cur.end > prev.end) {
-      reach = i;
-    }
+    bump_version(params[i]);
+    bump_version(scores[i]);
   }
 }
 
@@ -85,9 +54,12 @@ void check_no_overlap(const char* op, at::TensorList params, at::TensorList grad
 void ema_topk_(
     EmaTopkLauncher launch, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& score, double beta,
     int64_t k, int64_t dim) {
-  const TopkMatrix m = prepare("ema_topk_", param, grad, score, beta, k, dim, -1);
+  const int64_t d = check_ema_topk_operands("ema_topk_", param, grad, score, beta, k, dim);
+  check_operands("ema_topk_", param, grad, score, /*multi=*/false);
+  const TopkMatrix m = prepare(param, grad, score, k, d);
   launch({m}, beta);
   write_back(m, param, score);
+  bump_versions(param, score);
 }
 
 void ema_topk_multi_(
@@ -99,12 +71,16 @@ void ema_topk_multi_(
       grads.size() == n && scores.size() == n && ks.size() == n && dims.size() == n, "sparse_adapt.", op,
       ": params, grads, scores, ks and dims must have one entry per matrix, got ", n, ", ", grads.size(), ", ",
       scores.size(), ", ", ks.size(), " and ", dims.size());
+  std::vector<int64_t> ds(n);
+  for (size_t i = 0; i < n; ++i) {
+    ds[i] = check_ema_topk_operands(op, params[i], grads[i], scores[i], beta, ks[i], dims[i], static_cast<int64_t>(i));
+  }
+  check_operands(op, params, grads, scores, /*multi=*/true);
   std::vector<TopkMatrix> matrices;
   matrices.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    matrices.push_back(prepare(op, params[i], grads[i], scores[i], beta, ks[i], dims[i], static_cast<int64_t>(i)));
+    matrices.push_back(prepare(params[i], grads[i], scores[i], ks[i], ds[i]));
   }
-  check_no_overlap(op, params, grads, scores);
   // One launcher call per (device, dtype): each runs all of its matrices at once.
   std::vector<std::vector<TopkMatrix>> groups;
   for (TopkMatrix& m : matrices) {
@@ -124,6 +100,7 @@ void ema_topk_multi_(
   for (size_t i = 0; i < n; ++i) {
     write_back(matrices[i], params[i], scores[i]);
   }
+  bump_versions(params, scores);
 }
 
 }  // namespace sparse_adapt

@@ -40,14 +40,21 @@ void masked_merge_(
     MergeLauncher launch, const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
     const std::optional<at::Tensor>& mask) {
   check_lora_operands("masked_merge_", weight, lora_A, lora_B, scale, mask);
+  const at::Tensor no_mask;
+  check_in_place_operands(
+      "masked_merge_", {{&weight, "weight", -1, true},
+                        {&lora_A, "lora_A", -1, false},
+                        {&lora_B, "lora_B", -1, false},
+                        {mask.has_value() ? &*mask : &no_mask, "mask", -1, false}});
   const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
   if (weight.is_contiguous()) {
     launch(weight, a, b, scale, mask_or_undefined(mask), weight);
-    return;
+  } else {
+    at::Tensor w = weight.contiguous();
+    launch(w, a, b, scale, mask_or_undefined(mask), w);
+    weight.copy_(w);
   }
-  at::Tensor w = weight.contiguous();
-  launch(w, a, b, scale, mask_or_undefined(mask), w);
-  weight.copy_(w);
+  bump_version(weight);
 }
 
 }  // namespace sparse_adapt

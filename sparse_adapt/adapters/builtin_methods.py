@@ -134,10 +134,24 @@ class Spp(Method):
         return self._factor(layer) * layer.base_layer.weight
 
     @torch.no_grad()
+    def check_merge(self, layer):
+        # The merge multiplies W by 1 + f and the unmerge divides by it: where a non-zero weight would become 0
+        # the zero pattern changes and the unmerge cannot restore it.
+        w = layer.base_layer.weight
+        lost = int(((w * (1 + self._factor(layer)) == 0) & (w != 0)).sum())
+        if lost:
+            raise ValueError(f"cannot merge {layer.name or 'an spp adapter'}: its factor 1 + s·A·b makes {lost} "
+                             f"non-zero weight(s) exactly 0, which would change the zero pattern and could not be "
+                             f"unmerged; keep the adapter unmerged or retrain it")
+
+    @torch.no_grad()
     def fold(self, layer, sign):
         factor = 1 + self._factor(layer)
         w = layer.base_layer.weight
-        w.mul_(factor) if sign > 0 else w.div_(factor)
+        if sign > 0:
+            w.mul_(factor)
+        else:  # check_merge saw to it that the factor is 0 only where the weight is: divide those by 1, not 0
+            w.div_(torch.where(factor == 0, torch.ones_like(factor), factor))
 
 
 class SppGc(Spp):

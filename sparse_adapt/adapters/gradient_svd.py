@@ -84,6 +84,10 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
         handles.append(layer.register_forward_hook(on_forward(name, layer)))
     try:
         loss = loss_fn(model, _concat(calibration_batches))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"the calibration loss must be a scalar tensor, got {loss!r:.80}")
+        if not bool(torch.isfinite(loss.detach())):
+            raise ValueError(f"the calibration loss is {loss.item()}: gradient_svd cannot initialise from it")
         # A layer's A is saved for its own backward, so the new values are applied after the pass.
         loss.backward()
     finally:
@@ -93,6 +97,9 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
     missing = sorted(set(layers) - set(new_A))
     if missing:
         raise RuntimeError(f"no gradient reached {missing[:5]}: are they used by the loss?")
+    not_finite = [name for name, A in new_A.items() if not bool(torch.isfinite(A).all())]
+    if not_finite:
+        raise ValueError(f"the calibration gradient of {not_finite[:5]} is not finite (inf or NaN activations?)")
     with torch.no_grad():
         for name, layer in layers.items():
             A = full(layer.lora_A.detach()).clone()

@@ -33,6 +33,7 @@ class SparseLoraLinear(nn.Module):
         self.scale = config.scale
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
+        self.name = name
         factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         shape_A, shape_B = record.factor_shapes(out_features, in_features, config.r)
         self.lora_A = nn.Parameter(torch.empty(shape_A, **factory))
@@ -75,6 +76,7 @@ class SparseLoraLinear(nn.Module):
         """Fold the adapter into the base weight; for the sparsity-preserving methods the zeros stay exactly."""
         if self.merged:
             raise RuntimeError("adapter is already merged")
+        self.record.check_merge(self)
         self.record.fold(self, +1)
         self.merged = True
 

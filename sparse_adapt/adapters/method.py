@@ -73,6 +73,10 @@ class Method:
         """The dense (out, in) update the adapter adds to the base weight: what a merge folds in."""
         return layer.scale * (layer.lora_B @ layer.lora_A)
 
+    def check_merge(self, layer: "SparseLoraLinear") -> None:
+        """Raise ValueError if this layer's update cannot be folded into its weight and back out exactly (checked
+        on every layer before any is merged)."""
+
     @torch.no_grad()
     def fold(self, layer: "SparseLoraLinear", sign: int) -> None:
         """Add (sign = +1: merge) or subtract (-1: unmerge) the update in place on the base weight."""

@@ -1,8 +1,9 @@
 """Model-level API: inject adapters into any nn.Module (Hugging Face models included), count, merge, unload."""
 
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -28,13 +29,31 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _read_by_parent(model: nn.Module) -> Dict[str, str]:
+    """Linear modules whose parent reads their weight directly instead of calling them, which an adapter cannot
+    intercept: {name: why}. nn.MultiheadAttention passes out_proj.weight to its functional form."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            found[f"{name}.out_proj" if name else "out_proj"] = (
+                "nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj")
+    return found
+
+
 def find_targets(model: nn.Module, target_modules) -> List[str]:
-    """Qualified names of the nn.Linear modules that target_modules selects (see SparseLoraConfig)."""
+    """Qualified names of the nn.Linear modules that target_modules selects (see SparseLoraConfig). 'all-linear'
+    leaves out the output embedding and linears an adapter cannot wrap (nn.MultiheadAttention's out_proj); naming
+    one of those explicitly is refused."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    unwrappable = _read_by_parent(model)
     if target_modules == "all-linear":
         head = _output_embedding(model)
-        return [n for n, m in linears if m is not head]
-    return [n for n, _ in linears if _matches(n, target_modules)]
+        return [n for n, m in linears if m is not head and n not in unwrappable]
+    names = [n for n, _ in linears if _matches(n, target_modules)]
+    refused = [n for n in names if n in unwrappable]
+    if refused:
+        raise ValueError(f"cannot adapt {refused[:3]}: {unwrappable[refused[0]]}")
+    return names
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -64,13 +83,37 @@ def inject(model: nn.Module, config: SparseLoraConfig, calibration_batches=None,
     for name in targets:  # every layer is checked before any is replaced
         weight = model.get_submodule(name).weight
         record.check_layer(name, weight.shape[0], weight.shape[1], config.r)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in targets:
-        _set_submodule(model, name, SparseLoraLinear(model.get_submodule(name), config, name))
-    if config.init == "gradient_svd":
-        gradient_svd_init_(model, calibration_batches, loss_fn)
+    with restored_on_failure(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in targets:
+            _set_submodule(model, name, SparseLoraLinear(model.get_submodule(name), config, name))
+        if config.init == "gradient_svd":
+            gradient_svd_init_(model, calibration_batches, loss_fn)
     return model
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module):
+    """If the block raises, put back what inject (and load_adapter) changes -- every module it replaced, every
+    parameter's requires_grad and .grad, every buffer's value -- and re-raise: a failed inject leaves the model as
+    it was."""
+    modules = dict(model.named_modules())
+    requires_grad = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a calibration forward may update some
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for name, layer in list(adapter_layers(model)):
+                if modules.get(name) is not layer:  # one this call put in
+                    _set_submodule(model, name, layer.base_layer)
+            for p, flag, grad in requires_grad:
+                p.requires_grad_(flag)
+                p.grad = grad
+            for b, value in buffers:
+                b.copy_(value)
+        raise
 
 
 def adapter_config(model: nn.Module) -> SparseLoraConfig:
@@ -80,16 +123,36 @@ def adapter_config(model: nn.Module) -> SparseLoraConfig:
     return layers[0][1].config
 
 
+def _untie(model: nn.Module, layer: SparseLoraLinear) -> None:
+    """Give the layer's base weight its own storage if another module shares it (a tied lm_head shares the input
+    embedding), so that merging the adapter changes this layer only: merged == adapted."""
+    weight = layer.base_layer.weight
+    owners = {id(m) for m in model.modules() for p in m.parameters(recurse=False) if p is weight}
+    if owners - {id(layer.base_layer)}:
+        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        config = getattr(model, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # so that save_pretrained keeps the merged head as it is
+
+
 @torch.no_grad()
 def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     """Fold every adapter into its base weight. For sqft, sqft_gc, spp, spp_gc and lors the zeros of each merged
     weight are exactly the base weight's. ``unload=True``: the adapters are replaced by their (now merged) plain
-    nn.Linear modules; ``unload=False``: they stay, merged, so that ``sa.unmerge`` can undo it."""
+    nn.Linear modules; ``unload=False``: they stay, merged, so that ``sa.unmerge`` can undo it.
+
+    Every adapter is checked before any is merged (a refusal changes nothing). A targeted weight that another
+    module shares (a tied lm_head) is untied first, so the merged model computes what the adapted one did."""
     model = unwrap(model)
-    for name, layer in list(adapter_layers(model)):
-        if not layer.merged:
-            layer.merge()
-        if unload:
+    layers = list(adapter_layers(model))
+    pending = [layer for _, layer in layers if not layer.merged]
+    for layer in pending:
+        layer.record.check_merge(layer)
+    for layer in pending:
+        _untie(model, layer)
+        layer.merge()
+    if unload:
+        for name, layer in layers:
             _set_submodule(model, name, layer.base_layer)
     return model
 

@@ -17,6 +17,7 @@ from ..assets import models, text
 from ..lm import lm_batches, perplexity, to_device
 from ..memory import SavedBytes
 from ..progress import progress_bar
+from ..training import pruner_for
 from .launch import data_parallel, init_distributed, local_rows
 from .settings import DemoSettings
 
@@ -88,6 +89,7 @@ def finetune(model: nn.Module, method: str, s: DemoSettings, train, calibration,
     result = MethodResult(method, config.init)
     trained = data_parallel(model, s.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    pruner = pruner_for(model, total_steps=s.steps)  # roselora: its sensitivity pruning after every step
     result.history.append({"step": 0, "ppl": perplexity(model, eval_batches, s.device)})
     times = []
     model.train()
@@ -103,6 +105,8 @@ def finetune(model: nn.Module, method: str, s: DemoSettings, train, calibration,
             loss = trained(**batch, use_cache=False).loss
         loss.backward()
         opt.step()
+        if pruner is not None:
+            pruner.step()
         if s.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

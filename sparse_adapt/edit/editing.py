@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..adapters import RoseLoraConfig, adapter_layers, config_for, get_method, inject, merge
+from ..adapters.model import restored_on_failure
 from ..progress import progress_bar
-from ..training import RoseLoraPruner
+from ..training import pruner_for
 from . import metrics
 
 EDIT_METHODS = ("roselora", "lora", "ft-l")
@@ -35,13 +36,29 @@ class Edit:
             raise ValueError(f"edit target for {self.prompt!r} must be a non-empty string, got {self.target!r}")
         if not self.target.startswith(" "):
             self.target = " " + self.target
+        if isinstance(self.rephrasings, str) or not all(isinstance(r, str) and r.strip() for r in self.rephrasings):
+            raise ValueError(f"rephrasings of {self.prompt!r} must be a list of non-empty strings, "
+                             f"got {self.rephrasings!r}")
         self.rephrasings = list(self.rephrasings)
-        self.portability = [tuple(p) for p in self.portability]
+        pairs = []
+        for p in ([] if isinstance(self.portability, str) else self.portability):
+            pair = tuple(p) if isinstance(p, (list, tuple)) else ()
+            if len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair):
+                raise ValueError(f"portability of {self.prompt!r} must be a list of (prompt, answer) pairs of "
+                                 f"non-empty strings (or {{'prompt', 'answer'}} objects), got {p!r}")
+            pairs.append(pair)
+        if isinstance(self.portability, str):
+            raise ValueError(f"portability of {self.prompt!r} must be a list of (prompt, answer) pairs, "
+                             f"got {self.portability!r}")
+        self.portability = pairs
 
     @staticmethod
     def from_dict(d: Dict) -> "Edit":
-        portability = [(p["prompt"], p["answer"]) if isinstance(p, dict) else tuple(p)
-                       for p in d.get("portability", ())]
+        if not isinstance(d, dict):
+            raise ValueError(f"an edit must be a JSON object, got {type(d).__name__}")
+        portability = d.get("portability", ())
+        if isinstance(portability, list):
+            portability = [(p.get("prompt"), p.get("answer")) if isinstance(p, dict) else p for p in portability]
         return Edit(d.get("prompt", ""), d.get("target", ""), d.get("rephrasings", ()), portability)
 
 
@@ -131,7 +148,7 @@ def _adapter_edit(model, config, batch) -> None:
     adapter = config_for(config.method, **fields)
     inject(model, adapter)
     params = [p for p in model.parameters() if p.requires_grad]
-    pruner = RoseLoraPruner(model, total_steps=config.steps) if isinstance(adapter, RoseLoraConfig) else None
+    pruner = pruner_for(model, total_steps=config.steps)
     _train(model, params, batch, config.steps, config.lr, pruner.step if pruner else None, f"{config.method} edit")
 
 
@@ -147,7 +164,12 @@ def _ft_l_edit(model, config, batch) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             weight.copy_(original + (weight - original).clamp_(-config.ft_max_change, config.ft_max_change))
 
-    _train(model, [weight], batch, config.steps, config.lr, constrain, "ft-l edit")
+    try:
+        _train(model, [weight], batch, config.steps, config.lr, constrain, "ft-l edit")
+    except BaseException:
+        with torch.no_grad():
+            weight.copy_(original)  # a failed edit leaves the weight as it was
+        raise
     weight.requires_grad_(False)
     return weight, original
 
@@ -179,14 +201,16 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
 
     batch = _edit_batch(tokenizer, edits, target_ids, device)
     t0 = time.perf_counter()
-    if config.method == "ft-l":
-        weight, original = _ft_l_edit(model, config, batch)
-        changed = int((weight != original).sum())
-    else:
-        _adapter_edit(model, config, batch)
-        changed = _weights_changed_by_adapters(model)
-        if config.merge:
-            merge(model)
+    # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
+    with restored_on_failure(model):
+        if config.method == "ft-l":
+            weight, original = _ft_l_edit(model, config, batch)
+            changed = int((weight != original).sum())
+        else:
+            _adapter_edit(model, config, batch)
+            changed = _weights_changed_by_adapters(model)
+            if config.merge:
+                merge(model)
     seconds = time.perf_counter() - t0
 
     edit_m = metrics.token_matches(model, tokenizer, gen_prompts, target_ids)

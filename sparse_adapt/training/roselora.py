@@ -2,6 +2,7 @@
 entries by an EMA of the sensitivity |w · ∂L/∂w|, with the kept fraction lowered on a cubic schedule."""
 
 import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -48,8 +49,6 @@ class RoseLoraPruner:
         if not isinstance(config, RoseLoraConfig):
             raise TypeError("roselora adapters need a RoseLoraConfig")
         self.config = config
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps = total_steps
         steps = torch.stack([layer.rose_step.detach().cpu() for _, layer in self.layers])
         if not bool((steps == steps[0]).all()):
@@ -61,6 +60,27 @@ class RoseLoraPruner:
                           for param, score, dim in ((layer.lora_A, layer.rose_score_A, 1),
                                                     (layer.lora_B, layer.rose_score_B, 0))]
         self._steps = [layer.rose_step for _, layer in self.layers]
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, total_steps: Optional[int]) -> None:
+        """Checks the schedule against the length of training: one that would never prune is refused, one that
+        would not reach its sparsity in time is warned about."""
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+                raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+            t_init, t_final = self.config.t_init, self.config.t_final
+            if t_init >= total_steps:
+                raise ValueError(f"RoseLoraConfig.t_init={t_init} >= total_steps={total_steps}: pruning starts after "
+                                 f"step t_init, so this run would never prune (lower t_init)")
+            if t_final is not None and t_final > total_steps:
+                warnings.warn(f"RoseLoraConfig.t_final={t_final} > total_steps={total_steps}: training ends at "
+                              f"kept fraction {kept_fraction(total_steps, t_init, t_final, self.config.sparsity):.3f}"
+                              f", before the target sparsity {self.config.sparsity} is reached", stacklevel=3)
+        self._total_steps = total_steps
 
     @property
     def t_final(self) -> int:
@@ -145,3 +165,12 @@ class RoseLoraPruner:
                 pruner.step()
 
         return RoseLoraCallback()
+
+
+def pruner_for(model: nn.Module, total_steps: Optional[int] = None) -> Optional[RoseLoraPruner]:
+    """A RoseLoraPruner for the model's roselora adapters, or None when it has none: what a training loop that
+    takes any method calls once, before its first step (then ``pruner.step()`` after each optimizer step)."""
+    if not any(isinstance(layer.config, RoseLoraConfig) for _, layer in adapter_layers(model)):
+        return None
+    return RoseLoraPruner(model, total_steps)
+

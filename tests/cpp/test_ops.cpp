@@ -207,6 +207,30 @@ void test_errors_name_the_argument() {
   expect(message.find("lora_A must have shape") != std::string::npos, "a wrong lora_A is named: " + message);
 }
 
+// The in-place merge behaves as an ATen in-place op: it bumps the version, refuses a lora_A that is a view of the
+// weight before writing, and keeps a cancelled weight non-zero (the zero pattern in both directions).
+void test_merge_in_place_contract() {
+  const auto opts = at::TensorOptions().device(device);
+  at::Tensor w = at::ones({4, 4}, opts), a = at::ones({1, 4}, opts), b = -at::ones({4, 1}, opts);
+  const auto version = w._version();
+  merge_inplace_op().call(w, a, b, 1.0, std::nullopt);
+  expect(w._version() > version, "masked_merge_ bumps the version counter");
+  expect((w != 0).all().item<bool>(), "a weight cancelled to 0 by the merge stays non-zero");
+  merge_inplace_op().call(w, a, b, -1.0, std::nullopt);
+  expect_close(w, at::ones({4, 4}, opts), "and the unmerge restores it");
+  at::Tensor big = at::randn({8, 8}, opts);
+  const at::Tensor before = big.clone();
+  std::string message;
+  try {
+    merge_inplace_op().call(big, big.narrow(0, 0, 2), at::randn({8, 2}, opts), 1.0, std::nullopt);
+  } catch (const c10::Error& e) {
+    message = e.what_without_backtrace();
+  }
+  expect(
+      message.find("weight and lora_A share memory") != std::string::npos && at::equal(big, before),
+      "a lora_A that aliases weight is refused before writing: " + message);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -228,6 +252,7 @@ int main(int argc, char** argv) {
   test_linear();
   test_ema_topk();
   test_errors_name_the_argument();
+  test_merge_in_place_contract();
   std::cout << (failures ? "FAILED: " : "all passed: ") << failures << " failure(s)\n";
   return failures ? 1 : 0;
 }
