@@ -41,32 +41,45 @@ def _demo(args) -> int:
 
 
 def _read_edits(path: str):
-    """edits.jsonl: one JSON object per line with prompt, target and optionally rephrasings, portability
-    ([{"prompt", "answer"}]) and locality (prompts whose continuations must not change). Every line is checked
-    before anything runs."""
+    """The edits of a file, every one checked before anything runs: JSONL (one object per line: prompt, target and
+    optionally subject, rephrasings, portability as [{"prompt", "answer"}], neighbors, and locality -- prompts
+    whose continuations must not change), or EasyEdit's JSON (a list of objects: prompt, subject, target_new,
+    rephrase_prompt, locality_prompt / locality_ground_truth, portability)."""
     import json
 
     from .edit import Edit
 
-    edits, locality = [], []
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+            text = f.read()
     except OSError as e:
         raise SystemExit(f"{path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise SystemExit(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    if text.lstrip().startswith("["):  # EasyEdit: one JSON list
         try:
-            d = json.loads(line)
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not valid JSON: {e}") from None
+        entries = [(f"{path}[{i}]", d) for i, d in enumerate(records)]
+    else:
+        entries = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{n}: {e}") from None
+    edits, locality = [], []
+    for where, d in entries:
+        try:
             if not isinstance(d, dict):
-                raise ValueError(f"each line must be a JSON object, got {type(d).__name__}")
+                raise ValueError(f"each edit must be a JSON object, got {type(d).__name__}")
             edits.append(Edit.from_dict(d))
-            locality += _string_list(d.get("locality", []), "locality")
-        except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-            raise SystemExit(f"{path}:{n}: {e}") from None
+            if not isinstance(d.get("locality"), dict):  # EasyEdit's locality dict holds neighbours, read above
+                locality += _string_list(d.get("locality", []), "locality")
+        except (ValueError, TypeError, KeyError) as e:
+            raise SystemExit(f"{where}: {e}") from None
     if not edits:
         raise SystemExit(f"{path}: no edits")
     return edits, locality
@@ -201,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed = sub.add_parser("edit", help="edit facts of SmolLM2-135M with RoseLoRA (or LoRA / FT-L) and measure them",
                         description="Apply the edits of a JSONL file at once and report edit success, "
                                     "generalization, locality, portability, fluency and weights changed.")
-    ed.add_argument("--edits", required=True, help="JSONL: prompt, target[, rephrasings, portability, locality]")
+    ed.add_argument("--edits", required=True,
+                    help="JSONL (prompt, target[, subject, rephrasings, portability, neighbors, locality]) or "
+                         "EasyEdit's JSON list (prompt, subject, target_new, rephrase_prompt, locality_prompt/"
+                         "locality_ground_truth, portability)")
     ed.add_argument("--method", default="roselora", choices=EDIT_METHODS)
     ed.add_argument("--steps", type=_positive_int, default=40)
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")

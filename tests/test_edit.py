@@ -90,18 +90,19 @@ def smollm2():
 
 @pytest.mark.slow
 def test_roselora_edit_of_a_real_model(smollm2):
-    """One counterfactual capital (Chile -> Belgrade) edited into SmolLM2-135M. Thresholds from measured runs
-    (benchmarks/results/knowledge-editing-cpu.md): RoseLoRA took this edit exactly with locality 0.63 (0.71 on
-    average over 10 single edits) while plain LoRA with the same rank, steps and lr kept 0.07-0.12 and collapsed
-    into repeating the target; 0.5 separates a precise edit from that. It changed 1.5% of the adapted weights."""
+    """One counterfactual capital (seed 100) edited into SmolLM2-135M with the default recipe. Thresholds from
+    measured runs (benchmarks/results/knowledge-editing-cpu.md): single edits reached success 1.0, strict
+    neighbourhood locality 0.78 on average (the old recipe without the preservation term: 0.28) and kept
+    fluency; 0.5 separates a precise edit from one that rewrote the relation for every country."""
     model, tokenizer = smollm2
     known = sa.edit.known_facts(model, tokenizer, sa.edit.capital_facts())
     assert len(known) > 30
     edits, locality = sa.edit.counterfactual_edits(known, 1, seed=100)
+    assert edits[0].subject in edits[0].prompt and len(edits[0].neighbors) == 20
     edited, m = sa.edit.apply_edits(model, tokenizer, edits, sa.edit.EditConfig(method="roselora"), locality)
     assert m.edit_exact == 1.0 and m.edit_success == 1.0
-    assert m.locality >= 0.5
-    assert m.fluency > 2.0  # not repeating the target (LoRA's collapse scores 0)
+    assert m.neighborhood >= 0.5 and m.locality >= 0.5
+    assert m.fluency > 0.8 * m.fluency_before  # not repeating the target (LoRA's collapse scores 0)
     assert 0 < m.weights_changed < 0.05 * sum(layer.base_layer.weight.numel() for _, layer in sa.adapter_layers(edited))
     sa.unload(edited)
 

@@ -476,7 +476,7 @@ def test_a_failed_edit_leaves_the_model_as_it_came(method, monkeypatch):
     failing = FailOnCall(owner.step, 2)  # the third step of the edit fails
     monkeypatch.setattr(owner, "step", lambda self, *args, **kwargs: failing(self, *args, **kwargs))
     config = sa.edit.EditConfig(method=method, steps=4, ft_module="model.layers.1.mlp.down_proj",
-                                generation_tokens=4)
+                                generation_tokens=4, early_stop=False, preserve=0.0, neighbors=0, prefixes=0)
     with pytest.raises(RuntimeError, match="injected fault"):
         sa.edit.apply_edits(lm, DigitTokens(), [sa.edit.Edit("1 2 3", "4 5")], config)
     assert failing.calls == 3

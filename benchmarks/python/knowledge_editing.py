@@ -1,14 +1,22 @@
-"""Knowledge editing on SmolLM2-135M with counterfactual capitals from countryinfo: RoseLoRA against LoRA (same
-rank and steps) and FT-L (one MLP weight, ROME's L∞ constraint), on batches of 1 edit (each applied alone to a
-fresh copy of the model, averaged) and of 10 edits at once. Only facts the model gets right before editing are
-edited; other known capitals are the locality prompts.
+"""Knowledge editing on SmolLM2-135M: counterfactual edits of countryinfo relations (capital and continent; the
+model knows too few demonyms for that relation), RoseLoRA against LoRA (same rank, steps and recipe) and FT-L (one
+MLP weight, ROME's L∞ constraint), as single edits (each on a fresh copy of the model, averaged) and as a batch of
+edits at once. Only facts the model gets right before editing are edited or used as neighbours.
 
-    python benchmarks/python/knowledge_editing.py [--singles 10] [--batch 10] [--out benchmarks/results]
+Two locality metrics, both reported: strict neighbourhood locality (the share of other countries of the *same*
+relation whose greedy continuation still begins with their true answer -- held out: the editor never sees them)
+and EasyEdit's agreement of unrelated prompts' continuations with the unedited model's.
+
+    python benchmarks/python/knowledge_editing.py [--singles 6] [--batch 15] [--ablation] [--out benchmarks/results]
+
+A relation the model knows too few facts of is skipped with a message.
 """
 
 import argparse
 import copy
+import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,51 +24,133 @@ import torch
 from sparse_adapt import edit
 from sparse_adapt.assets import models
 
+# The levers of the editing recipe, measured one at a time from plain training to the default (--ablation).
+ABLATION = [
+    ("plain: 40 steps on the prompt", dict(preserve=0.0, neighbors=0, prefixes=0, early_stop=False)),
+    ("+ preservation (KL, weight 20, on 32 generic neighbours)", dict(prefixes=0, early_stop=False)),
+    ("+ 4 generic prefixes", dict(early_stop=False)),
+    ("+ early stop (the default)", dict()),
+    ("default, decoder layers 2-12 only", dict(layers=(2, 12))),
+]
+
+
+def run(model, tokenizer, known, relation, config, singles, batch, seeds=100):
+    """(mean of single edits, batch edit) metrics for one config on one relation."""
+    results = []
+    for i in range(singles):
+        edits, locality = edit.counterfactual_edits(known, 1, seed=seeds + i, relation=relation)
+        results.append(edit.apply_edits(copy.deepcopy(model), tokenizer, edits, config, locality)[1])
+    single = edit.mean_metrics(results)
+    batched = None
+    if batch:
+        edits, locality = edit.counterfactual_edits(known, batch, seed=7, relation=relation, neighbors=8)
+        batched = edit.apply_edits(copy.deepcopy(model), tokenizer, edits, config, locality)[1]
+    return single, batched
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    markers = {"roselora": "o", "lora": "s", "ft-l": "^"}
+    for r in rows:
+        m = r["metrics"]
+        ax.scatter(m["neighborhood"], m["edit_success"], marker=markers.get(m["method"], "x"),
+                   s=40 if m["edits"] == 1 else 90, label=f"{m['method']} {r['relation']} x{m['edits']}")
+    ax.set_xlabel("strict neighbourhood locality")
+    ax.set_ylabel("edit success")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("Knowledge editing on SmolLM2-135M (upper right is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--singles", type=int, default=10, help="single edits to average")
-    p.add_argument("--batch", type=int, default=10, help="edits applied together")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--singles", type=int, default=6, help="single edits to average, per relation")
+    p.add_argument("--batch", type=int, default=15, help="edits applied together (0: none)")
+    p.add_argument("--relations", default="capital,continent")
+    p.add_argument("--methods", default="roselora,lora,ft-l")
+    p.add_argument("--ablation", action="store_true", help="measure each lever of the recipe (RoseLoRA, capitals)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default="lora,ft-l,roselora")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="inserted into the output file names")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load_smollm2()
-    facts = edit.capital_facts()
-    known = edit.known_facts(model, tokenizer, facts)
-    print(f"the model knows {len(known)} of {len(facts)} capitals (first token)", flush=True)
-
-    rows = []
-    t0 = time.perf_counter()
-    for method in args.methods.split(","):
-        config = edit.EditConfig(method=method, steps=args.steps)
-        singles = []
-        for i in range(args.singles):
-            edits, locality = edit.counterfactual_edits(known, 1, seed=100 + i)
-            singles.append(edit.apply_edits(copy.deepcopy(model), tokenizer, edits, config, locality)[1])
-        rows.append(edit.mean_metrics(singles))
-        edits, locality = edit.counterfactual_edits(known, args.batch, seed=7)
-        rows.append(edit.apply_edits(copy.deepcopy(model), tokenizer, edits, config, locality)[1])
-        print(edit.results_table(rows[-2:]), flush=True)
-    table = edit.results_table(rows)
-    text = f"""# Knowledge editing: SmolLM2-135M-Instruct, counterfactual capitals
-
-The model knows {len(known)} of {len(facts)} countryinfo capitals ("The capital of X is" -> first token right).
-Edits move a known country's capital to another known capital; rephrasings: "X's capital is", "The capital city
-of X is"; portability: "<new capital> is the capital of" -> X; locality: 20 other known capitals. {args.steps} Adam
-steps per run; LoRA and RoseLoRA r=8 on every MLP down_proj (RoseLoRA: 95% sparse rows of A / columns of B at
-the end); FT-L: model.layers.8.mlp.down_proj, each weight within ±5e-3 of its value. Rows "1 edit" average
-{args.singles} single edits, each on a fresh copy of the model. CPU, {args.threads} threads, torch
-{torch.__version__}; {time.perf_counter() - t0:.0f} s in all.
-
-{table}
-"""
-    print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "knowledge-editing-cpu.md").write_text(text)
+    t0 = time.perf_counter()
+    known = {}
+    for relation in args.relations.split(","):
+        facts = edit.relation_facts(relation)
+        found = edit.known_facts(model, tokenizer, facts, relation)
+        print(f"{relation}: the model knows {len(found)} of {len(facts)}", flush=True)
+        if len(found) >= max(args.batch, 1) + 2:
+            known[relation] = found
+
+    if args.ablation:
+        lines = ["| recipe | edits | edit success | generalization | neighbourhood (strict) | locality (agreement) "
+                 "| fluency (before) | weights changed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        default = edit.EditConfig()
+        for name, overrides in ABLATION:
+            config = replace(default, **overrides)
+            single, batched = run(model, tokenizer, known["capital"], "capital", config, args.singles, args.batch)
+            for m in (single, batched):
+                if m is not None:
+                    lines.append(f"| {name} | {m.edits} | {m.edit_success:.3f} | {m.generalization:.3f} | "
+                                 f"{m.neighborhood:.3f} | {m.locality:.3f} | {m.fluency:.2f} ({m.fluency_before:.2f})"
+                                 f" | {m.weights_changed:,} |")
+            print("\n".join(lines[-2:]), flush=True)
+        text = (f"# Knowledge editing recipe: ablation (RoseLoRA, capitals, SmolLM2-135M)\n\nEach row adds one lever "
+                f"to the one above; single edits average {args.singles} edits on fresh copies, the batch row edits "
+                f"{args.batch} at once. CPU, {args.threads} threads, torch {torch.__version__}; "
+                f"{time.perf_counter() - t0:.0f} s.\n\n" + "\n".join(lines) + "\n")
+        print(text)
+        (out / "knowledge-editing-ablation-cpu.md").write_text(text)
+        return
+
+    rows = []
+    for relation in known:
+        for method in args.methods.split(","):
+            config = edit.EditConfig(method=method)
+            single, batched = run(model, tokenizer, known[relation], relation, config, args.singles, args.batch)
+            for m in (single, batched):
+                if m is not None:
+                    rows.append({"relation": relation, "metrics": m.as_row()})
+                    print(relation, edit.results_table([m]).splitlines()[-1], flush=True)
+    header = edit.results_table([]).splitlines()
+    table = "\n".join(["| relation " + header[0], "|---" + header[1]] + [
+        f"| {r['relation']} " + edit.results_table([edit.EditMetrics(**r["metrics"])]).splitlines()[-1]
+        for r in rows])
+    c = edit.EditConfig()
+    text = f"""# Knowledge editing: SmolLM2-135M-Instruct, counterfactual countryinfo facts
+
+Known facts (whole answer = greedy continuation): {", ".join(f"{k} {len(v)}" for k, v in known.items())}.
+Each edit moves a known country's fact to another known country's; rephrasings are two other phrasings of the
+relation; neighbours (strict locality) are up to 20 (8 per edit in the batch) other known countries of the same
+relation, held out from the editor, which sees only the edit request and generic text. Default `EditConfig`:
+{c.steps} steps of Adam at lr {c.lr}, r={c.r} on `mlp.down_proj` of decoder layers {c.layers}, KL weight
+{c.preserve} on {c.neighbors} neighbour prompts (the edit's template filled with Wikipedia titles), {c.prefixes}
+generic-text prefixes, early stop {c.early_stop}; RoseLoRA {c.sparsity:.0%} sparse rows of A / columns of B at the
+end; FT-L: {c.ft_module}, each weight within ±{c.ft_max_change}. Rows "1" average {args.singles} single edits,
+each on a fresh copy of the model. CPU, {args.threads} threads, torch {torch.__version__};
+{time.perf_counter() - t0:.0f} s in all.
+
+{table}
+
+![edit success vs strict locality](knowledge-editing{args.tag}-cpu.png)
+"""
+    print(text)
+    (out / f"knowledge-editing{args.tag}-cpu.md").write_text(text)
+    (out / f"knowledge-editing{args.tag}-cpu.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / f"knowledge-editing{args.tag}-cpu.png")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,19 @@
 """Knowledge editing with RoseLoRA: ``sa.edit.apply_edits(model, tokenizer, edits, config)`` and its metrics."""
 
-from .countries import capital_facts, counterfactual_edits, known_facts
-from .editing import EDIT_METHODS, Edit, EditConfig, EditMetrics, apply_edits, mean_metrics, results_table
+from .countries import RELATIONS, Relation, capital_facts, counterfactual_edits, known_facts, relation_facts
+from .editing import (
+    EDIT_METHODS,
+    Edit,
+    EditConfig,
+    EditMetrics,
+    apply_edits,
+    generic_prefixes,
+    generic_subjects,
+    infer_subject,
+    mean_metrics,
+    results_table,
+)
 
-__all__ = ["EDIT_METHODS", "Edit", "EditConfig", "EditMetrics", "apply_edits", "capital_facts",
-           "counterfactual_edits", "known_facts", "mean_metrics", "results_table"]
+__all__ = ["EDIT_METHODS", "Edit", "EditConfig", "EditMetrics", "RELATIONS", "Relation", "apply_edits",
+           "capital_facts", "counterfactual_edits", "generic_prefixes", "generic_subjects", "infer_subject",
+           "known_facts", "mean_metrics", "relation_facts", "results_table"]

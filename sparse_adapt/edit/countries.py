@@ -1,50 +1,104 @@
-"""Counterfactual edits built from `countryinfo` (change a country's capital), only on facts the model knows."""
+"""Counterfactual edits built from `countryinfo` -- a country's capital, continent or demonym changed -- on facts
+the model knows. Used to *evaluate* editing (the held-out neighbours of each edit come from here); the editing
+itself never consults this table."""
 
 import random
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import metrics
 from .editing import Edit
 
-PROMPT = "The capital of {} is"
-REPHRASINGS = ("{}'s capital is", "The capital city of {} is")
+
+def _capital(info) -> Optional[str]:
+    capital = info.get("capital")
+    if isinstance(capital, list):
+        capital = capital[0] if len(capital) == 1 else None
+    return capital.strip() if isinstance(capital, str) and capital.strip() else None
+
+
+def _continent(info) -> Optional[str]:
+    region = info.get("region")
+    return region if region in ("Africa", "Asia", "Europe", "Oceania") else None  # "Americas" is not a continent
+
+
+def _demonym(info) -> Optional[str]:
+    demonym = info.get("demonym")
+    return demonym.strip() if isinstance(demonym, str) and demonym.strip() else None
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation between a country and a fact about it: its prompt, rephrasings, an optional portability prompt
+    (the reverse question, answered by the country), and how countryinfo gives the fact."""
+
+    name: str
+    prompt: str
+    rephrasings: Tuple[str, ...]
+    reverse: Optional[str]
+    fact: Callable
+
+
+RELATIONS: Dict[str, Relation] = {r.name: r for r in (
+    Relation("capital", "The capital of {} is", ("{}'s capital is", "The capital city of {} is"),
+             "{} is the capital of", _capital),
+    Relation("continent", "{} is a country on the continent of",
+             ("{} is located on the continent of", "The country of {} lies on the continent of"), None, _continent),
+    Relation("demonym", "A person from {} is called", ("Someone from {} is called", "A citizen of {} is called"),
+             None, _demonym),
+)}
+
+PROMPT = RELATIONS["capital"].prompt
+REPHRASINGS = RELATIONS["capital"].rephrasings
+
+
+def relation_facts(relation: str = "capital") -> List[Tuple[str, str]]:
+    """(country, fact) for every country countryinfo gives the relation's fact for (one fact each)."""
+    from countryinfo import CountryInfo
+
+    get = RELATIONS[relation].fact
+    facts = []
+    for info in CountryInfo.all().values():
+        value = get(info)
+        if info.get("name") and value:
+            facts.append((info["name"], value))
+    return sorted(set(facts))
 
 
 def capital_facts() -> List[Tuple[str, str]]:
     """(country, capital) for every country with one capital (a one-element list counts as one)."""
-    from countryinfo import CountryInfo
-
-    facts = []
-    for info in CountryInfo.all().values():
-        capital = info.get("capital")
-        if isinstance(capital, list):
-            capital = capital[0] if len(capital) == 1 else None
-        if info.get("name") and isinstance(capital, str) and capital.strip():
-            facts.append((info["name"], capital.strip()))
-    return sorted(set(facts))
+    return relation_facts("capital")
 
 
-def known_facts(model, tokenizer, facts: Sequence[Tuple[str, str]]) -> List[Tuple[str, str]]:
-    """The facts whose capital's first token is the model's greedy next token after the prompt."""
-    prompts = [PROMPT.format(c) for c, _ in facts]
-    firsts = [metrics.encode(tokenizer, " " + cap, False)[:1] for _, cap in facts]
-    matches = metrics.token_matches(model, tokenizer, prompts, firsts)
+def known_facts(model, tokenizer, facts: Sequence[Tuple[str, str]], relation: str = "capital"
+                ) -> List[Tuple[str, str]]:
+    """The facts whose whole answer is the model's greedy continuation of the relation's prompt."""
+    template = RELATIONS[relation].prompt
+    prompts = [template.format(c) for c, _ in facts]
+    answers = [metrics.encode(tokenizer, " " + a, False) for _, a in facts]
+    matches = metrics.token_matches(model, tokenizer, prompts, answers)
     return [f for f, m in zip(facts, matches) if all(m)]
 
 
-def counterfactual_edits(known: Sequence[Tuple[str, str]], n: int, seed: int = 0,
-                         locality: int = 20) -> Tuple[List[Edit], List[str]]:
-    """n edits, each moving a known country's capital to another known country's capital, with rephrasings and a
-    portability prompt (the reverse relation: "<new capital> is the capital of" -> the country); and up to
-    `locality` prompts about other known capitals, which should keep their answers."""
+def counterfactual_edits(known: Sequence[Tuple[str, str]], n: int, seed: int = 0, locality: int = 20,
+                         relation: str = "capital", neighbors: int = 20) -> Tuple[List[Edit], List[str]]:
+    """n edits, each moving a known country's fact to another known country's (different) fact, with its subject,
+    rephrasings, a portability prompt where the relation has a reverse form ("<new capital> is the capital of" ->
+    the country), and up to `neighbors` held-out neighbours: other known countries of the same relation with their
+    true answers, which must not change. Also up to `locality` prompts about other known facts (for the
+    agreement metric)."""
     if len(known) < n + 2:
         raise ValueError(f"need at least {n + 2} known facts, have {len(known)}")
+    rel = RELATIONS[relation]
     rng = random.Random(seed)
     chosen = rng.sample(list(known), len(known))
     edited, rest = chosen[:n], chosen[n:]
     edits = []
-    for country, capital in edited:
-        new = rng.choice([c for _, c in known if c != capital])
-        edits.append(Edit(PROMPT.format(country), new, [r.format(country) for r in REPHRASINGS],
-                          [(f"{new} is the capital of", country)]))
-    return edits, [PROMPT.format(c) for c, _ in rest[:locality]]
+    for country, fact in edited:
+        new = rng.choice(sorted({f for _, f in known if f != fact}))
+        portability = [(rel.reverse.format(new), country)] if rel.reverse else []
+        nearby = rng.sample(rest, min(neighbors, len(rest)))
+        edits.append(Edit(rel.prompt.format(country), new, [r.format(country) for r in rel.rephrasings],
+                          portability, subject=country,
+                          neighbors=[(rel.prompt.format(c), f) for c, f in nearby]))
+    return edits, [rel.prompt.format(c) for c, _ in rest[:locality]]

@@ -1,6 +1,8 @@
 """apply_edits: write new facts into a causal LM with RoseLoRA (or the LoRA / FT-L baselines) and measure them."""
 
 import math
+import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -9,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..adapters import RoseLoraConfig, adapter_layers, config_for, get_method, inject, merge
+from ..adapters import RoseLoraConfig, adapter_layers, config_for, find_targets, get_method, inject, merge
 from ..adapters.model import restored_on_failure
 from ..progress import progress_bar
 from ..training import pruner_for
@@ -18,16 +20,74 @@ from . import metrics
 EDIT_METHODS = ("roselora", "lora", "ft-l")
 
 
+_QUESTION_WORDS = {"The", "A", "An", "What", "Who", "Which", "Where", "When", "Why", "How", "In", "On", "At", "Is",
+                   "Was", "Are", "Were", "Did", "Does", "Do", "Of", "This", "That", "It", "Its"}
+_CONNECTORS = {"of", "and", "de", "da", "do", "du", "des", "del", "la", "le", "the", "van", "von", "y", "e", "&"}
+
+
+def infer_subject(prompt: str) -> Optional[str]:
+    """The edit's subject when the request does not name it: the longest run of capitalised words (joined by
+    connectors such as "of" or "and"), not counting a sentence-initial article or question word; ties go to the
+    later run (relation prompts name the relation first). None when the prompt has no capitalised name."""
+    words = re.findall(r"[^\s?!.,;:]+", prompt)
+    runs, current = [], []
+    for i, w in enumerate(words):
+        capital = w[:1].isupper() or w[:1].isdigit()
+        if capital and not (i == 0 and w in _QUESTION_WORDS):
+            current.append(w)
+        elif current and w in _CONNECTORS and i + 1 < len(words) and words[i + 1][:1].isupper():
+            current.append(w)
+        else:
+            if current:
+                runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    if not runs:
+        return None
+    run = list(runs[max(range(len(runs)), key=lambda k: (len(runs[k]), k))])
+    for suffix in ("'s", "’s", "'", "’"):  # a possessive is not part of the name
+        if run[-1].endswith(suffix) and len(run[-1]) > len(suffix):
+            run[-1] = run[-1][: -len(suffix)]
+            break
+    subject = " ".join(run)
+    return subject if subject in prompt else None
+
+
+def _pairs(value, what: str, prompt: str) -> List[Tuple[str, str]]:
+    """(prompt, answer) pairs from [(p, a)], [[p, a]] or [{"prompt", "answer" | "ground_truth"}]."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{what} of {prompt!r} must be a list of (prompt, answer) pairs, got {value!r}")
+    pairs = []
+    for p in value:
+        if isinstance(p, dict):
+            answer = p.get("answer", p.get("ground_truth"))
+            p = (p.get("prompt"), answer[0] if isinstance(answer, list) and answer else answer)
+        pair = tuple(p) if isinstance(p, (list, tuple)) else ()
+        if len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair):
+            raise ValueError(f"{what} of {prompt!r} must be a list of (prompt, answer) pairs of non-empty strings "
+                             f"(or {{'prompt', 'answer'}} objects), got {p!r}")
+        pairs.append(pair)
+    return pairs
+
+
 @dataclass
 class Edit:
-    """A new fact: after ``prompt`` the model should say ``target``. ``rephrasings`` test generalization,
-    ``portability`` holds (related prompt, expected answer) pairs. A target without a leading space gets one, so
-    that it continues the prompt as a new word."""
+    """A new fact: after ``prompt`` the model should say ``target``.
+
+    ``subject`` is what the fact is about (EasyEdit's field; it must occur in the prompt). When it is not given it
+    is inferred (:func:`infer_subject`); what it is used for -- forming, from generic text, neighbour prompts that
+    must not change -- is skipped for an edit with no recognisable subject. ``rephrasings`` test generalization,
+    ``portability`` holds (related prompt, expected answer) pairs, ``neighbors`` (prompt, true answer) pairs of the
+    same relation about other subjects, which must keep their answers (strict neighbourhood locality). A target
+    without a leading space gets one, so that it continues the prompt as a new word."""
 
     prompt: str
     target: str
     rephrasings: Sequence[str] = ()
     portability: Sequence[Tuple[str, str]] = ()
+    subject: Optional[str] = None
+    neighbors: Sequence[Tuple[str, str]] = ()
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -40,26 +100,63 @@ class Edit:
             raise ValueError(f"rephrasings of {self.prompt!r} must be a list of non-empty strings, "
                              f"got {self.rephrasings!r}")
         self.rephrasings = list(self.rephrasings)
-        pairs = []
-        for p in ([] if isinstance(self.portability, str) else self.portability):
-            pair = tuple(p) if isinstance(p, (list, tuple)) else ()
-            if len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair):
-                raise ValueError(f"portability of {self.prompt!r} must be a list of (prompt, answer) pairs of "
-                                 f"non-empty strings (or {{'prompt', 'answer'}} objects), got {p!r}")
-            pairs.append(pair)
-        if isinstance(self.portability, str):
-            raise ValueError(f"portability of {self.prompt!r} must be a list of (prompt, answer) pairs, "
-                             f"got {self.portability!r}")
-        self.portability = pairs
+        self.portability = _pairs(self.portability, "portability", self.prompt)
+        self.neighbors = _pairs(self.neighbors, "neighbors", self.prompt)
+        if self.subject is None:
+            self.subject = infer_subject(self.prompt)
+        elif not isinstance(self.subject, str) or not self.subject.strip() or self.subject not in self.prompt:
+            raise ValueError(f"the subject of an edit must occur in its prompt; {self.subject!r} is not in "
+                             f"{self.prompt!r}")
+
+    @property
+    def template(self) -> Optional[str]:
+        """The prompt with its subject as "{}" (the relation, to fill with other subjects), or None."""
+        if not self.subject:
+            return None
+        i = self.prompt.rfind(self.subject)
+        return self.prompt[:i].replace("{", "{{").replace("}", "}}") + "{}" + \
+            self.prompt[i + len(self.subject):].replace("{", "{{").replace("}", "}}")
 
     @staticmethod
     def from_dict(d: Dict) -> "Edit":
+        """From this package's JSONL fields (prompt, target, subject, rephrasings, portability, neighbors) or
+        EasyEdit's (prompt / src, target_new / alt, subject, rephrase_prompt / rephrase, portability,
+        locality_prompt + locality_ground_truth, or a locality dict of {prompt, ground_truth} lists)."""
         if not isinstance(d, dict):
             raise ValueError(f"an edit must be a JSON object, got {type(d).__name__}")
+        prompt = d.get("prompt", d.get("src", ""))
+        target = d.get("target", d.get("target_new", d.get("alt", "")))
+        if isinstance(target, dict):  # ROME's counterfact: {"str": ...}
+            target = target.get("str", "")
+        rephrasings = d.get("rephrasings", d.get("rephrase_prompt", d.get("rephrase", ())))
+        if isinstance(rephrasings, str):
+            rephrasings = [rephrasings] if "rephrasings" not in d else rephrasings  # EasyEdit: one string
         portability = d.get("portability", ())
-        if isinstance(portability, list):
-            portability = [(p.get("prompt"), p.get("answer")) if isinstance(p, dict) else p for p in portability]
-        return Edit(d.get("prompt", ""), d.get("target", ""), d.get("rephrasings", ()), portability)
+        if isinstance(portability, dict):  # EasyEdit: {"Reasoning": [...], "Subject_Aliasing": [...]}
+            portability = [p for group in portability.values() for p in (group if isinstance(group, list) else [group])]
+        if "portability_prompt" in d:
+            portability = _zip_pairs(d["portability_prompt"], d.get("portability_ground_truth"), "portability")
+        neighbors = d.get("neighbors", ())
+        locality = d.get("locality")
+        if isinstance(locality, dict):  # EasyEdit: {"Relation_Specificity": [{"prompt", "ground_truth"}], ...}
+            neighbors = [p for group in locality.values() for p in (group if isinstance(group, list) else [group])]
+        if "locality_prompt" in d:
+            neighbors = _zip_pairs(d["locality_prompt"], d.get("locality_ground_truth"), "locality")
+        if "loc" in d and "loc_ans" in d:  # ZsRE
+            neighbors = _zip_pairs(d["loc"], d["loc_ans"], "loc")
+        return Edit(prompt, target, rephrasings, portability, d.get("subject"), neighbors)
+
+
+def _zip_pairs(prompts, answers, what: str) -> List[Tuple[str, str]]:
+    """EasyEdit's parallel fields: a prompt and its ground truth, or lists of them."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(prompts, list) or not isinstance(answers, list) or len(prompts) != len(answers):
+        raise ValueError(f"{what}_prompt and {what}_ground_truth must be strings or lists of one length, got "
+                         f"{prompts!r} and {answers!r}")
+    return [(p, a[0] if isinstance(a, list) and a else a) for p, a in zip(prompts, answers)]
 
 
 @dataclass
@@ -74,6 +171,12 @@ class EditConfig:
     ft_module: str = "model.layers.8.mlp.down_proj"  # ft-l: the one weight that is fine-tuned
     ft_max_change: float = 5e-3  # ft-l: ROME's L∞ constraint on the change of each weight
     merge: bool = False  # fold the adapters into the weights before returning
+    layers: Optional[Tuple[int, int]] = None  # adapt only decoder layers first..last (None: every layer)
+    # The editing recipe around the method (benchmarks/python/knowledge_editing.py --ablation measures each lever):
+    preserve: float = 20.0  # weight of KL(unedited || edited) at the answer position of neighbour prompts
+    neighbors: int = 32  # neighbour prompts: each edit's template filled with subjects from generic text
+    prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
+    early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
     generation_tokens: int = 32  # for fluency
     locality_tokens: int = 3
     seed: int = 0
@@ -83,6 +186,14 @@ class EditConfig:
             raise ValueError(f"method must be one of {EDIT_METHODS}, got {self.method!r}")
         if self.steps < 1 or not self.lr > 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        if self.preserve < 0 or self.neighbors < 0 or self.prefixes < 0:
+            raise ValueError("preserve, neighbors and prefixes must be >= 0")
+        if self.preserve > 0 and self.neighbors == 0:
+            raise ValueError("preserve > 0 needs neighbors > 0 (the prompts it preserves)")
+        if self.layers is not None:
+            first, last = self.layers
+            if not 0 <= first <= last:
+                raise ValueError(f"layers must be (first, last) with 0 <= first <= last, got {self.layers!r}")
 
 
 @dataclass
@@ -92,11 +203,14 @@ class EditMetrics:
     edit_success: float  # token accuracy of the new targets
     edit_exact: float  # fraction of prompts whose whole target is the greedy continuation
     generalization: float
-    locality: float
+    locality: float  # EasyEdit-style: token agreement of unrelated prompts' continuations with the unedited ones
     portability: float
     fluency: float
     fluency_before: float
     weights_changed: int
+    # strict neighbourhood locality: the share of the edits' neighbours (same relation, other subjects) whose
+    # greedy continuation still begins with their true answer (NaN when the edits name no neighbours)
+    neighborhood: float = math.nan
     seconds: float = math.nan
     per_edit: List[Dict] = field(default_factory=list)
 
@@ -118,41 +232,132 @@ def _validate(edits: Sequence[Edit], tokenizer) -> List[List[int]]:
     return ids
 
 
-def _edit_batch(tokenizer, edits, target_ids, device):
+def _edit_batch(tokenizer, edits, target_ids, device, prefixes: Sequence[str] = ()):
+    """Each edit's prompt followed by its target (loss on the target only), alone and behind each prefix."""
     seqs, labels = [], []
     for e, t in zip(edits, target_ids):
-        p = metrics.encode(tokenizer, e.prompt, True)
-        seqs.append(p + t)
-        labels.append([-100] * len(p) + t)
+        for prefix in ("", *prefixes):
+            p = metrics.encode(tokenizer, prefix + e.prompt, True)
+            seqs.append(p + t)
+            labels.append([-100] * len(p) + t)
     ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
     lab, _ = metrics.pad_batch(labels, -100)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
 
 
-def _train(model, params, batch, steps, lr, after_step=None, desc="editing"):
-    opt = torch.optim.Adam(params, lr=lr)
+def generic_subjects(n: int, seed: int = 0, exclude: Sequence[str] = ()) -> List[str]:
+    """n subjects from generic text -- titles of the shipped Wikipedia summaries -- to fill an edit's template
+    with: what the edit must leave alone. No table of facts is consulted."""
+    if n == 0:
+        return []
+    from ..assets.text import wiki_summaries
+
+    titles = sorted({s["title"] for s in wiki_summaries() if s.get("title") and "(" not in s["title"]}
+                    - set(exclude))
+    return random.Random(seed).sample(titles, min(n, len(titles)))
+
+
+def generic_prefixes(n: int, seed: int = 0, words: int = 8) -> List[str]:
+    """n short prefixes of generic text (the first words of Wikipedia summaries, ending in '. '): training the
+    edit behind them makes it hold in other contexts, as ROME's context templates do."""
+    if n == 0:
+        return []
+    from ..assets.text import wiki_summaries
+
+    extracts = [s["extract"] for s in wiki_summaries() if len(s.get("extract", "").split()) > words]
+    chosen = random.Random(seed + 1).sample(extracts, min(n, len(extracts)))
+    return [" ".join(x.split()[:words]).rstrip(".,;:") + ". " for x in chosen]
+
+
+class _Preservation:
+    """KL(unedited || edited) of the next-token distribution at the end of neighbour prompts: each edit's template
+    filled with generic subjects. The unedited distributions are computed once, before editing."""
+
+    def __init__(self, model, tokenizer, edits, config, device):
+        templates = [e.template for e in edits if e.template]
+        self.batch = None
+        if not templates or config.preserve == 0:
+            return
+        subjects = generic_subjects(config.neighbors, config.seed, exclude=[e.subject for e in edits])
+        prompts = [templates[i % len(templates)].format(subject) for i, subject in enumerate(subjects)]
+        seqs = [metrics.encode(tokenizer, p, True) for p in prompts]
+        ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
+        self.last = torch.tensor([len(q) - 1 for q in seqs], device=device)
+        self.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        self.weight = config.preserve
+        with torch.no_grad():
+            self.base = self._log_probs(model)
+
+    def _log_probs(self, model):
+        logits = model(**self.batch, use_cache=False).logits
+        return torch.log_softmax(logits[torch.arange(len(self.last), device=logits.device), self.last].float(), -1)
+
+    def loss(self, model):
+        if self.batch is None:
+            return None
+        edited = self._log_probs(model)
+        kl = (self.base.exp() * (self.base - edited)).sum(-1).mean()
+        return self.weight * kl
+
+
+def _train(model, params, batch, config, preservation=None, after_step=None, desc="editing", may_stop=None):
+    """Adam on the edit's loss (plus the preservation term); with early_stop, stop once every target token has
+    probability >= 0.9 -- but not before `may_stop()` says so (RoseLoRA: once its pruning reached the target
+    sparsity, so that an early stop never leaves a denser update)."""
+    opt = torch.optim.Adam(params, lr=config.lr)
     model.train()
-    for _ in progress_bar(range(steps), desc):
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    for _ in progress_bar(range(config.steps), desc):
         opt.zero_grad()
-        model(**batch, use_cache=False).loss.backward()
+        out = model(**batch, use_cache=False)
+        if config.early_stop and (may_stop is None or may_stop()):
+            with torch.no_grad():  # every target token at probability >= 0.9, in every training row
+                logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+                target_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            if bool((target_logp[scored] >= math.log(0.9)).all()):
+                break
+        loss = out.loss
+        kl = preservation.loss(model) if preservation is not None else None
+        if kl is not None:
+            loss = loss + kl
+        loss.backward()
         opt.step()
         if after_step is not None:
             after_step()
     model.eval()
 
 
-def _adapter_edit(model, config, batch) -> None:
-    fields = dict(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules))
+def _adapted_modules(model, config) -> List[str]:
+    names = find_targets(model, list(config.target_modules))
+    if config.layers is not None:
+        first, last = config.layers
+
+        def layer_of(name):
+            numbers = [int(part) for part in name.split(".") if part.isdigit()]
+            return numbers[0] if numbers else -1
+
+        names = [n for n in names if first <= layer_of(n) <= last]
+    if not names:
+        raise ValueError(f"target_modules={list(config.target_modules)!r} with layers={config.layers!r} selects "
+                         f"no module of the model")
+    return names
+
+
+def _adapter_edit(model, config, batch, preservation) -> None:
+    fields = dict(r=config.r, alpha=config.alpha, target_modules=_adapted_modules(model, config))
     if issubclass(get_method(config.method).config_class, RoseLoraConfig):  # the pruning schedule of an edit
         fields.update(sparsity=config.sparsity, beta=0.8, t_init=0, t_final=max(1, int(config.steps * 0.6)))
     adapter = config_for(config.method, **fields)
     inject(model, adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     pruner = pruner_for(model, total_steps=config.steps)
-    _train(model, params, batch, config.steps, config.lr, pruner.step if pruner else None, f"{config.method} edit")
+    may_stop = (lambda: pruner.step_count >= pruner.t_final) if pruner else None
+    _train(model, params, batch, config, preservation, pruner.step if pruner else None, f"{config.method} edit",
+           may_stop)
 
 
-def _ft_l_edit(model, config, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+def _ft_l_edit(model, config, batch, preservation) -> Tuple[torch.Tensor, torch.Tensor]:
     """FT-L (ROME's baseline): fine-tune one MLP weight directly, each entry kept within ±ft_max_change."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -165,7 +370,7 @@ def _ft_l_edit(model, config, batch) -> Tuple[torch.Tensor, torch.Tensor]:
             weight.copy_(original + (weight - original).clamp_(-config.ft_max_change, config.ft_max_change))
 
     try:
-        _train(model, [weight], batch, config.steps, config.lr, constrain, "ft-l edit")
+        _train(model, [weight], batch, config, preservation, constrain, "ft-l edit")
     except BaseException:
         with torch.no_grad():
             weight.copy_(original)  # a failed edit leaves the weight as it was
@@ -177,6 +382,10 @@ def _ft_l_edit(model, config, batch) -> Tuple[torch.Tensor, torch.Tensor]:
 def _weights_changed_by_adapters(model) -> int:
     with torch.no_grad():
         return sum(metrics.nonzero_count(layer.get_delta_weight()) for _, layer in adapter_layers(model))
+
+
+def _answer_ids(tokenizer, answer: str) -> List[int]:
+    return metrics.encode(tokenizer, answer if answer.startswith(" ") else " " + answer, False)
 
 
 def _texts(tokenizer, token_lists) -> List[str]:
@@ -199,15 +408,16 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     fluency_before = metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(
         model, tokenizer, gen_prompts, config.generation_tokens)))
 
-    batch = _edit_batch(tokenizer, edits, target_ids, device)
+    batch = _edit_batch(tokenizer, edits, target_ids, device, generic_prefixes(config.prefixes, config.seed))
     t0 = time.perf_counter()
+    preservation = _Preservation(model, tokenizer, edits, config, device)
     # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
     with restored_on_failure(model):
         if config.method == "ft-l":
-            weight, original = _ft_l_edit(model, config, batch)
+            weight, original = _ft_l_edit(model, config, batch, preservation)
             changed = int((weight != original).sum())
         else:
-            _adapter_edit(model, config, batch)
+            _adapter_edit(model, config, batch, preservation)
             changed = _weights_changed_by_adapters(model)
             if config.merge:
                 merge(model)
@@ -216,10 +426,11 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     edit_m = metrics.token_matches(model, tokenizer, gen_prompts, target_ids)
     reph = [(r, t) for e, t in zip(edits, target_ids) for r in e.rephrasings]
     reph_m = metrics.token_matches(model, tokenizer, [r for r, _ in reph], [t for _, t in reph])
-    port = [(p, metrics.encode(tokenizer, a if a.startswith(" ") else " " + a, False)) for e in edits
-            for p, a in e.portability]
+    port = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.portability]
     port_m = metrics.token_matches(model, tokenizer, [p for p, _ in port], [a for _, a in port])
     loc_m = metrics.token_matches(model, tokenizer, locality_prompts, before_locality)
+    neighbors = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.neighbors]
+    neighbor_m = metrics.token_matches(model, tokenizer, [p for p, _ in neighbors], [a for _, a in neighbors])
     generations = _texts(tokenizer, metrics.greedy_continuations(model, tokenizer, gen_prompts,
                                                                  config.generation_tokens))
     per_edit = [{"prompt": e.prompt, "target": e.target, "token_accuracy": sum(m) / len(m), "generation": g}
@@ -227,8 +438,9 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     result = EditMetrics(
         method=config.method, edits=len(edits), edit_success=metrics.accuracy(edit_m), edit_exact=metrics.exact(edit_m),
         generalization=metrics.accuracy(reph_m), locality=metrics.accuracy(loc_m),
-        portability=metrics.accuracy(port_m), fluency=metrics.fluency(generations), fluency_before=fluency_before,
-        weights_changed=changed, seconds=seconds, per_edit=per_edit)
+        neighborhood=metrics.exact(neighbor_m), portability=metrics.accuracy(port_m),
+        fluency=metrics.fluency(generations), fluency_before=fluency_before, weights_changed=changed,
+        seconds=seconds, per_edit=per_edit)
     return model, result
 
 
@@ -241,16 +453,17 @@ def mean_metrics(results: Sequence[EditMetrics]) -> EditMetrics:
     return EditMetrics(
         method=results[0].method, edits=results[0].edits,
         **{k: avg(k) for k in ("edit_success", "edit_exact", "generalization", "locality", "portability", "fluency",
-                               "fluency_before", "seconds")},
+                               "fluency_before", "neighborhood", "seconds")},
         weights_changed=round(statistics.mean(r.weights_changed for r in results)),
         per_edit=[p for r in results for p in r.per_edit])
 
 
 def results_table(rows: Sequence[EditMetrics]) -> str:
-    lines = ["| method | edits per run | edit success | exact | generalization | locality | portability | fluency "
-             "(before) | weights changed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | edits per run | edit success | exact | generalization | neighbourhood (strict) | locality "
+             "(agreement) | portability | fluency (before) | weights changed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.edits} | {r.edit_success:.3f} | {r.edit_exact:.3f} | {r.generalization:.3f} | "
-                     f"{r.locality:.3f} | {r.portability:.3f} | {r.fluency:.2f} ({r.fluency_before:.2f}) | "
-                     f"{r.weights_changed:,} |")
+                     f"{r.neighborhood:.3f} | {r.locality:.3f} | {r.portability:.3f} | {r.fluency:.2f} "
+                     f"({r.fluency_before:.2f}) | {r.weights_changed:,} |")
     return "\n".join(lines)

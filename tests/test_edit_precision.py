@@ -1,0 +1,136 @@
+"""Precise editing's parts: the subject (given or inferred) and the template it leaves, EasyEdit's JSON fields,
+the strict neighbourhood metric, the neighbours and prefixes formed from generic text, and the relations the
+benchmark draws its counterfactuals from."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_edit import Counting, DigitTokenizer
+
+import sparse_adapt as sa
+from sparse_adapt import cli
+from sparse_adapt.edit import editing
+
+
+@pytest.mark.parametrize("prompt, subject", [
+    ("The capital of North Korea is", "North Korea"),
+    ("The capital of Bosnia and Herzegovina is", "Bosnia and Herzegovina"),
+    ("Chile's capital is", "Chile"),
+    ("What university did Watts Humphrey attend?", "Watts Humphrey"),
+    ("A person from United States of America is called", "United States of America"),
+    ("The capital of the country is", None),
+])
+def test_subject_is_inferred(prompt, subject):
+    assert editing.infer_subject(prompt) == subject
+    assert sa.edit.Edit(prompt, "x").subject == subject
+
+
+def test_given_subject_and_template():
+    e = sa.edit.Edit("The capital of Chile is", "Belgrade", subject="Chile")
+    assert e.template == "The capital of {} is" and e.template.format("Peru") == "The capital of Peru is"
+    assert sa.edit.Edit("Where is {Chile}?", "x", subject="Chile").template.format("Peru") == "Where is {Peru}?"
+    with pytest.raises(ValueError, match="must occur in its prompt"):
+        sa.edit.Edit("The capital of Chile is", "Belgrade", subject="Peru")
+    assert sa.edit.Edit("the capital of the country is", "x").template is None  # nothing to preserve around
+
+
+EASYEDIT = {
+    "case_id": 3, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+    "target_new": "English", "ground_truth": "French",
+    "rephrase_prompt": "Danielle Darrieux's mother tongue is",
+    "locality_prompt": "The mother tongue of Léon Blum is", "locality_ground_truth": "French",
+    "portability": {"Reasoning": [{"prompt": "Danielle Darrieux speaks", "ground_truth": ["English"]}]},
+}
+
+
+def test_easyedit_fields():
+    e = sa.edit.Edit.from_dict(EASYEDIT)
+    assert (e.prompt, e.target, e.subject) == (EASYEDIT["prompt"], " English", "Danielle Darrieux")
+    assert e.rephrasings == ["Danielle Darrieux's mother tongue is"]
+    assert e.neighbors == [("The mother tongue of Léon Blum is", "French")]
+    assert e.portability == [("Danielle Darrieux speaks", "English")]
+    zsre = sa.edit.Edit.from_dict({"src": "What university did Watts Humphrey attend?", "alt": "Harvard",
+                                   "rephrase": "Which university did Watts Humphrey go to?",
+                                   "loc": "nq question: who sang it", "loc_ans": "Elvis"})
+    assert zsre.target == " Harvard" and zsre.subject == "Watts Humphrey" and zsre.neighbors[0][1] == "Elvis"
+    counterfact = {k: v for k, v in EASYEDIT.items() if not k.startswith("locality_")}
+    nested = sa.edit.Edit.from_dict({**counterfact, "target_new": {"str": "German"},
+                                     "locality": {"Relation_Specificity": [{"prompt": "p", "ground_truth": "a"}]}})
+    assert nested.target == " German" and nested.neighbors == [("p", "a")]
+
+
+def test_cli_reads_easyedit_json(tmp_path):
+    path = tmp_path / "edits.json"
+    path.write_text(json.dumps([EASYEDIT, {**EASYEDIT, "subject": "Léon Blum"}]))
+    with pytest.raises(SystemExit, match=r"edits.json\[1\]: the subject"):
+        cli._read_edits(str(path))
+    path.write_text(json.dumps([EASYEDIT]))
+    edits, locality = cli._read_edits(str(path))
+    assert edits[0].neighbors and locality == []
+
+
+def test_neighborhood_is_exact_match_of_the_true_answer():
+    # Counting predicts last + 1: after "1 2" it says 3 4 5 ...
+    e = sa.edit.Edit("1 2", "3", subject="2", neighbors=[("4", "5 6"), ("7", "8 1")])
+    _, m = sa.edit.apply_edits(CountingLM(), DigitTokenizerLM(), [e],
+                               sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", generation_tokens=2,
+                                                  preserve=0.0, neighbors=0, prefixes=0))
+    assert m.neighborhood == pytest.approx(0.5)  # "4" -> "5 6" holds, "7" -> "8 9" is not "8 1"
+
+
+class CountingLM(Counting):
+    def get_submodule(self, name):
+        return self
+
+    @property
+    def weight(self):
+        return self.p
+
+    def generate(self, ids, max_new_tokens, **kw):
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, (ids[:, -1:] + 1) % 10], 1)
+        return ids
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, labels=None):
+        out = super().forward(input_ids)
+        out.logits = out.logits + 0 * self.p  # differentiable in p, so one FT-L step runs
+        if labels is not None:
+            out.loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 10),
+                                                         labels[:, 1:].reshape(-1), ignore_index=-100)
+        return out
+
+
+class DigitTokenizerLM(DigitTokenizer):
+    eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_generic_neighbours_and_prefixes_come_from_the_wikipedia_titles():
+    subjects = editing.generic_subjects(16, seed=0, exclude=["Chile"])
+    assert len(set(subjects)) == 16 and "Chile" not in subjects
+    assert subjects == editing.generic_subjects(16, seed=0, exclude=["Chile"])  # deterministic
+    prefixes = editing.generic_prefixes(3)
+    assert len(prefixes) == 3 and all(p.endswith(". ") and len(p.split()) <= 8 for p in prefixes)
+
+
+def test_recipe_config_validation():
+    with pytest.raises(ValueError, match="needs neighbors"):
+        sa.edit.EditConfig(preserve=1.0, neighbors=0)
+    with pytest.raises(ValueError, match="layers"):
+        sa.edit.EditConfig(layers=(5, 2))
+
+
+@pytest.mark.parametrize("relation", sorted(sa.edit.RELATIONS))
+def test_relations_give_facts_and_counterfactuals(relation):
+    pytest.importorskip("countryinfo")
+    facts = sa.edit.relation_facts(relation)
+    assert len(facts) > 50 and all(isinstance(f, str) and f for _, f in facts)
+    edits, locality = sa.edit.counterfactual_edits(facts[:40], 2, seed=1, relation=relation, neighbors=5)
+    for e in edits:
+        assert e.subject in e.prompt and len(e.neighbors) == 5
+        assert all(e.subject not in p for p, _ in e.neighbors)
+        assert not math.isnan(len(e.rephrasings))
