@@ -18,6 +18,7 @@ from .adapters import (
     SparseLoraLinear,
     TrainableParameters,
     adapter_layers,
+    adapter_sites,
     config_for,
     export_peft,
     get_method,
@@ -37,10 +38,10 @@ from .training import RoseLoraPruner, sparsity_report
 
 __version__ = "0.1.0"
 
-# Applications and assets, imported when first used: sa.edit, sa.demo, sa.assets (sa.models and sa.data are the
-# assets' model and text modules, under the names earlier versions gave them).
+# Applications, assets and the PEFT bridge, imported when first used: sa.edit, sa.demo, sa.assets (sa.models and
+# sa.data are the assets' model and text modules, under the names earlier versions gave them), sa.peft (needs peft).
 _LAZY = {"edit": ".edit", "demo": ".demo", "assets": ".assets", "lm": ".lm", "models": ".assets.models",
-         "data": ".assets.text"}
+         "data": ".assets.text", "peft": ".peft"}
 
 
 def __getattr__(name):
@@ -60,6 +61,7 @@ __all__ = [
     "SparseLoraLinear",
     "TrainableParameters",
     "adapter_layers",
+    "adapter_sites",
     "config_for",
     "ema_topk_",
     "ema_topk_multi_",

@@ -8,7 +8,7 @@ from . import builtin_methods  # noqa: F401  (registers lora, sqft, sqft_gc, spp
 from .config import RoseLoraConfig, SparseLoraConfig
 from .gradient_svd import gradient_svd_init_
 from .io import export_peft, load_adapter, save_adapter
-from .layer import SparseLoraLinear, adapter_layers
+from .layer import SparseLoraLinear, adapter_layers, adapter_sites
 from .method import INITS, Method, config_for, get_method, method_names, register_method, unregister_method
 from .model import TrainableParameters, find_targets, inject, merge, trainable_parameters, unload, unmerge
 
@@ -18,7 +18,7 @@ SPARSITY_PRESERVING = frozenset(m for m in METHODS if get_method(m).preserves_sp
 
 __all__ = [
     "INITS", "METHODS", "Method", "RoseLoraConfig", "SPARSITY_PRESERVING", "SparseLoraConfig", "SparseLoraLinear",
-    "TrainableParameters", "adapter_layers", "config_for", "export_peft", "find_targets", "get_method",
+    "TrainableParameters", "adapter_layers", "adapter_sites", "config_for", "export_peft", "find_targets", "get_method",
     "gradient_svd_init_", "inject", "load_adapter", "merge", "method_names", "register_method", "save_adapter",
     "unregister_method",
     "trainable_parameters", "unload", "unmerge",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean_, assign_, full
-from .layer import adapter_layers
+from .layer import adapter_sites
 
 Batch = Union[Tensor, Dict[str, Tensor]]
 
@@ -57,7 +57,7 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
     Under DDP or FSDP2 (where forward gathers one layer's weights at a time) call it on every rank with that
     rank's batches: each dW is averaged over the ranks, so all of them set the same A.
     """
-    layers = dict(adapter_layers(model))
+    layers = dict(adapter_sites(model))
     if not layers:
         raise ValueError("the model has no adapters to initialise")
     loss_fn = loss_fn or _default_loss

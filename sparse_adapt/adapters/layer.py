@@ -91,6 +91,22 @@ class SparseLoraLinear(nn.Module):
         return f"method={self.method}, r={self.r}, scale={self.scale:g}, merged={self.merged}"
 
 
+def adapter_sites(model: nn.Module) -> Iterator[Tuple[str, object]]:
+    """(qualified name, adapter) of every adapter the training tools work on (``RoseLoraPruner``,
+    ``sparsity_report``, ``gradient_svd_init_``): each SparseLoraLinear, and each active adapter of a module that
+    lists its own through a ``sparse_adapt_sites()`` method (the PEFT layers of ``sparse_adapt.peft``). An adapter
+    has what a method record reads: ``base_layer``, ``lora_A``, ``lora_B``, ``scale``, ``dropout``, ``config``,
+    ``r``, ``in_features``, ``out_features``, ``record``, its method's state, and ``register_forward_hook``."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, SparseLoraLinear):
+            yield name, module
+            continue
+        sites = getattr(module, "sparse_adapt_sites", None)
+        if callable(sites):
+            for site in sites():
+                yield name, site
+
+
 def adapter_layers(model: nn.Module) -> Iterator[Tuple[str, SparseLoraLinear]]:
     """(qualified name, layer) of every adapter in the model, in module order; names are those of the model
     inside any DDP / torch.compile wrapper, so they match a single process's."""

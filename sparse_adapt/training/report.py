@@ -7,7 +7,7 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from ..adapters import adapter_layers
+from ..adapters import adapter_sites
 
 
 def zero_fraction(t: Tensor, dim: int) -> Tensor:
@@ -53,7 +53,7 @@ class SparsityReport(List[LayerSparsity]):
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Measured sparsity of every adapter (B @ A is formed one layer at a time) and its Proposition 1 bound."""
     report = SparsityReport()
-    for name, layer in adapter_layers(model):
+    for name, layer in adapter_sites(model):
         if not layer.record.lowrank_product:
             continue  # e.g. SPP's update is W ⊙ (repeat(A)·b): not a B @ A product
         A, B = layer.lora_A.float(), layer.lora_B.float()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..adapters import RoseLoraConfig, SparseLoraLinear, adapter_layers
+from ..adapters import RoseLoraConfig, adapter_sites
 from ..distributed import assign_, full, is_sharded
 
 
@@ -41,8 +41,9 @@ class RoseLoraPruner:
     """
 
     def __init__(self, model: nn.Module, total_steps: Optional[int] = None):
-        self.layers: List[Tuple[str, SparseLoraLinear]] = [
-            (n, m) for n, m in adapter_layers(model) if isinstance(m.config, RoseLoraConfig)]
+        # SparseLoraLinear layers, or the adapters of sparse_adapt.peft's PEFT layers (adapter_sites)
+        self.layers: List[Tuple[str, object]] = [
+            (n, m) for n, m in adapter_sites(model) if isinstance(m.config, RoseLoraConfig)]
         if not self.layers:
             raise ValueError("the model has no roselora adapters (inject with sa.RoseLoraConfig)")
         config = self.layers[0][1].config
@@ -170,7 +171,7 @@ class RoseLoraPruner:
 def pruner_for(model: nn.Module, total_steps: Optional[int] = None) -> Optional[RoseLoraPruner]:
     """A RoseLoraPruner for the model's roselora adapters, or None when it has none: what a training loop that
     takes any method calls once, before its first step (then ``pruner.step()`` after each optimizer step)."""
-    if not any(isinstance(layer.config, RoseLoraConfig) for _, layer in adapter_layers(model)):
+    if not any(isinstance(layer.config, RoseLoraConfig) for _, layer in adapter_sites(model)):
         return None
     return RoseLoraPruner(model, total_steps)
 
