@@ -13,7 +13,8 @@ def _demo(args) -> int:
 
     _check_writable_dir(args.out)
     common = dict(threads=args.threads, device=args.device, out_dir=args.out, sparsity=args.sparsity,
-                  pruner=args.pruner, seed=args.seed, progress=not args.no_progress)
+                  pruner=args.pruner, seed=args.seed, progress=not args.no_progress,
+                  save_merged=not args.no_save_model)
     for name in ("steps", "layers", "lr", "r"):
         if getattr(args, name) is not None:
             common[name] = getattr(args, name)
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="out/demo", help="directory for report.md, results.json, perplexity.png")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-save-model", action="store_true",
+                      help="do not write the merged model as a compressed-tensors 2:4 checkpoint (OUT/merged-2of4)")
     demo.set_defaults(run=_demo)
 
     from .edit.editing import EDIT_METHODS

@@ -19,7 +19,7 @@ PACKAGE = ROOT / "sparse_adapt"
 LAYERS = [
     {"_native", "_checks", "ops", "reference", "distributed", "memory", "progress"},
     {"adapters"},
-    {"training", "prune", "peft"},
+    {"training", "prune", "peft", "serving"},
     {"lm", "assets"},
     {"edit", "demo", "cli", "__main__"},
 ]

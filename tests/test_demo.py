@@ -72,3 +72,12 @@ def test_quick_demo_end_to_end(tmp_path):
     lora_bytes = by_method["lora"]["saved_bytes"]
     assert by_method["lors"]["saved_bytes"] <= 1.01 * lora_bytes
     assert by_method["sqft"]["saved_bytes"] > 1.5 * lora_bytes
+    # the merged LoRS model, written for serving as a compressed-tensors 2:4 checkpoint, reads back 2:4
+    saved = result["saved_model"]
+    assert saved["method"] == "lors" and saved["bytes"] < 0.8 * saved["dense_bytes"]
+    from sparse_adapt import serving
+
+    served = serving.load_sparse24(tmp_path / "merged-2of4", dtype=torch.bfloat16)
+    linears = [m for n, m in served.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(linears) == 210 and all(serving.violations_2_4(m.weight) == 0 for m in linears)
+    assert "merged-2of4" in (tmp_path / "report.md").read_text()

@@ -41,7 +41,16 @@ Fine-tuning: {s.steps} steps x {s.batch_size} sequences, AdamW lr {s.lr}, r={s.r
 
 "saved for backward" counts exactly the bytes of the activations autograd keeps during one training step (every
 saved storage that is not a parameter or buffer of the model). Times are medians; on a CPU they show proportions.
-"""
+""" + _saved_model_note(r)
+
+
+def _saved_model_note(r: DemoResult) -> str:
+    saved = r.saved_model
+    if not saved:
+        return ""
+    return (f"\nThe merged {saved['method']} model, written for serving: `{saved['path']}` -- compressed-tensors "
+            f"`sparse-24-bitmask`, bf16, {saved['bytes'] / 2**20:.1f} MiB ({saved['dense_bytes'] / 2**20:.1f} MiB "
+            f"dense); `sparse_adapt.serving.load_sparse24` reads it back.\n")
 
 
 def plot(r: DemoResult, path: Path) -> None:

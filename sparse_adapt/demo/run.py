@@ -46,6 +46,7 @@ class DemoResult:
     machine: str
     model_layers: int = 0  # decoder layers of the model as shipped (settings.layers may keep fewer)
     adapted_modules: int = 0  # projections pruned and adapted
+    saved_model: Optional[Dict[str, object]] = None  # {"method", "path", "bytes", "dense_bytes"}: what was written
 
 
 def log(msg: str) -> None:
@@ -76,19 +77,22 @@ def zero_pattern_check(model: nn.Module, masks: Dict[str, torch.Tensor]):
     return exact, filled / max(zeros, 1)
 
 
-def method_config(method: str, s: DemoSettings, init: Optional[str] = None):
-    """Each method with the initialisation its paper uses (LoRS: gradient-SVD), unless `init` says otherwise."""
+def method_config(method: str, s: DemoSettings, init: Optional[str] = None, **options):
+    """Each method with the initialisation its paper uses (LoRS: gradient-SVD), unless `init` says otherwise;
+    `options` are more fields of its config (exact_grad=True ...)."""
     return config_for(method, r=s.r, alpha=s.alpha, init=init or get_method(method).preferred_init,
-                      target_modules="all-linear")
+                      target_modules="all-linear", **options)
 
 
 def finetune(model: nn.Module, method: str, s: DemoSettings, train, calibration, eval_batches,
-             masks, init: Optional[str] = None) -> MethodResult:
-    config = method_config(method, s, init)
+             masks, init: Optional[str] = None, lr: Optional[float] = None, **options) -> MethodResult:
+    """Inject `method`, train s.steps steps (AdamW at `lr`, default s.lr), merge, measure; `options` go to its
+    config."""
+    config = method_config(method, s, init, **options)
     inject(model, config, calibration_batches=[to_device(local_rows(b), s.device) for b in calibration[:2]])
     result = MethodResult(method, config.init)
     trained = data_parallel(model, s.device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or s.lr)
     pruner = pruner_for(model, total_steps=s.steps)  # roselora: its sensitivity pruning after every step
     result.history.append({"step": 0, "ppl": perplexity(model, eval_batches, s.device)})
     times = []
@@ -137,6 +141,7 @@ class PrunedSetup:
     pruned_ppl: float
     prune_summary: str
     model_layers: int
+    tokenizer: object = None
 
 
 def prepare(s: DemoSettings) -> PrunedSetup:
@@ -165,7 +170,7 @@ def prepare(s: DemoSettings) -> PrunedSetup:
     pruned_ppl = perplexity(model, eval_batches, s.device)
     log(f"{report.summary()}; pruned perplexity {pruned_ppl:.2f}")
     return PrunedSetup(model, train, calibration, eval_batches, masks, dense_ppl, pruned_ppl, report.summary(),
-                       model_layers)
+                       model_layers, tokenizer)
 
 
 def machine_description(s: DemoSettings) -> str:
@@ -174,13 +179,36 @@ def machine_description(s: DemoSettings) -> str:
     return f"{machine}{f' x {world} processes (DDP)' if world > 1 else ''}, torch {torch.__version__}"
 
 
+def save_for_serving(model: nn.Module, result: MethodResult, s: DemoSettings, tokenizer) -> Optional[Dict]:
+    """The merged model as a compressed-tensors 2:4 checkpoint (bf16), when the method kept the 2:4 zeros."""
+    if prune.parse_sparsity(s.sparsity)[2:] != (2, 4) or not result.keeps_zeros:
+        log(f"not writing a 2:4 checkpoint: sparsity {s.sparsity}, zeros kept: {result.keeps_zeros}")
+        return None
+    from pathlib import Path
+
+    from ..serving import save_sparse24
+
+    path = save_sparse24(model, Path(s.out_dir) / "merged-2of4", tokenizer=tokenizer, dtype=torch.bfloat16)
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    dense = sum(t.numel() * 2 for t in model.state_dict().values() if t.is_floating_point())
+    if getattr(model.config, "tie_word_embeddings", False):
+        dense -= model.get_output_embeddings().weight.numel() * 2
+    log(f"{result.method} merged model written for serving: {path} ({stored / 2**20:.1f} MiB, dense bf16 "
+        f"{dense / 2**20:.1f} MiB)")
+    return {"method": result.method, "path": str(path), "bytes": stored, "dense_bytes": dense}
+
+
 def run_demo(s: DemoSettings) -> DemoResult:
     setup = prepare(s)
     results = []
+    saved = None
     for i, method in enumerate(s.methods):
         # each method starts from the same pruned model; the last one may consume it
         candidate = setup.model if i == len(s.methods) - 1 else copy.deepcopy(setup.model)
         torch.manual_seed(s.seed)
         results.append(finetune(candidate, method, s, setup.train, setup.calibration, setup.eval_batches, setup.masks))
+        if i == 0 and s.save_merged and distributed.rank() == 0:
+            saved = save_for_serving(distributed.unwrap(candidate), results[-1], s, setup.tokenizer)
+        del candidate
     return DemoResult(s, setup.dense_ppl, setup.pruned_ppl, setup.prune_summary, results, machine_description(s),
-                      setup.model_layers, len(setup.masks))
+                      setup.model_layers, len(setup.masks), saved)

@@ -24,6 +24,9 @@ class DemoSettings:
     device: str = "cpu"
     out_dir: str = "out/demo"
     progress: bool = True
+    # write the first method's merged model, when it keeps 2:4 zeros, as a compressed-tensors 2:4 checkpoint
+    # (bf16, with the tokenizer) under out_dir/merged-2of4, the format a sparse server reads
+    save_merged: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_texts", "eval_every", "calibration_texts", "r", "threads"):
