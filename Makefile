@@ -85,6 +85,7 @@ bench: build cpp
 	$(PY) benchmarks/python/first_measurement.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/python/roselora_smollm2.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/python/init_comparison.py
+	$(PY) benchmarks/python/recovery_seeds.py --quick
 	$(PY) benchmarks/python/knowledge_editing.py
 
 clean:

@@ -392,3 +392,32 @@ def test_merge_keeps_a_cancelled_weight_nonzero():
     assert torch.equal(w == 0, zeros) and w[i, j] != 0
     pm.unmerge_adapter()
     torch.testing.assert_close(w, original)
+
+
+@pytest.mark.parametrize("method", ["lors", "sqft"])
+def test_bf16_base_with_fp32_adapters(method):
+    """PEFT keeps adapters in float32 over a bf16 model (autocast_adapter_dtype): the method computes in the base
+    dtype and the fp32 factors get fp32 gradients; under CPU autocast the fp32 model computes in bf16."""
+    pm = sap.get_peft_model(pruned_llama().to(torch.bfloat16), lora_config(), method=method)
+    layer = pm.base_model.model.model.layers[0].mlp.down_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    randomize_adapters_(pm)
+    x = ids()
+    out = pm(input_ids=x, labels=x)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+    pm32 = sap.get_peft_model(pruned_llama(), lora_config(), method=method)
+    randomize_adapters_(pm32)
+    seen = []
+    hook = pm32.base_model.model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm32(input_ids=x, labels=x).loss
+    hook.remove()
+    loss.backward()
+    assert seen == [torch.bfloat16]
+    grad = pm32.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight.grad
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0

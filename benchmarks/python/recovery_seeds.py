@@ -52,6 +52,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the quick demo's budget (8 steps of 4 x 64 tokens)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out evaluations along the way (default: the demo's; only the merged model is reported)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["lora", "lors", "lors+exact", "lors+zeros", "sqft", "spp"])
     p.add_argument("--threads", type=int, default=2)
@@ -61,6 +63,8 @@ def main():
     variants = {v: parse_variant(v) for v in args.variants}
     make = demo.DemoSettings.quick if args.quick else demo.DemoSettings
     overrides = {"steps": args.steps} if args.steps else {}
+    if args.eval_every:
+        overrides["eval_every"] = args.eval_every
     rows = {v: [] for v in variants}
     setting = None
     t_start = time.time()

@@ -25,34 +25,36 @@ constexpr int64_t kGrainElements = 32768;
 #define SA_CPU_CLONES
 #endif
 
-// 64-byte vectors of the accumulation type (GCC/Clang vector extensions): one AVX-512 register, two AVX2 ones.
+// 32-byte vectors of the accumulation type (GCC/Clang vector extensions): one AVX2 register (half an AVX-512 one).
+constexpr int64_t kVecBytes = 32;
 template <typename acc_t>
-struct Vec64;
+struct Vec;
 template <>
-struct Vec64<float> {
-  typedef float type __attribute__((vector_size(64)));
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
 };
 template <>
-struct Vec64<double> {
-  typedef double type __attribute__((vector_size(64)));
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
 };
 
 // The low-rank delta is computed in tiles of kRowBlock rows x kVecs vectors, whose accumulators stay in
-// registers (16 of them) while k runs over the rank: each lora_A vector loaded serves kRowBlock rows.
-constexpr int kRowBlock = 4;
-constexpr int kVecs = 4;
+// registers while k runs over the rank: each lora_A vector loaded serves kRowBlock rows. 6 x 2 accumulators, 2
+// lora_A vectors and a broadcast lora_B value take 15 of AVX2's 16 vector registers: nothing spills.
+constexpr int kRowBlock = 6;
+constexpr int kVecs = 2;
 
 template <typename acc_t>
 constexpr int64_t tile_cols() {
-  return kVecs * 64 / static_cast<int64_t>(sizeof(acc_t));
+  return kVecs * kVecBytes / static_cast<int64_t>(sizeof(acc_t));
 }
 
 // tile (kRowBlock, tile_cols) = lora_B[row0:row0+4] (.., r) @ lora_A[:, c0:c0+tile_cols] (r, ..): a full tile.
 template <typename acc_t>
 __attribute__((always_inline)) inline void lowrank_tile(
     const acc_t* lora_A, const acc_t* lora_B, int64_t in, int64_t r, int64_t row0, int64_t c0, acc_t* tile) {
-  using V = typename Vec64<acc_t>::type;
-  constexpr int64_t lanes = 64 / sizeof(acc_t);
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t lanes = kVecBytes / sizeof(acc_t);
   V acc[kRowBlock][kVecs] = {};
   for (int64_t k = 0; k < r; ++k) {
     V a[kVecs];

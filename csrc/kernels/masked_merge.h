@@ -46,17 +46,14 @@ SA_HOST_DEVICE acc_t smallest_normal() {
 // weight keeps the zero pattern and an unmerge, which reads the pattern back from the merged weight, finds it.
 template <typename out_t, typename acc_t, typename w_t>
 SA_HOST_DEVICE out_t merged_value(w_t w, acc_t delta, acc_t scale, bool keep) {
+  // Selects, no branches: the CPU compiler vectorizes the epilogue loop that calls this.
   const acc_t wv = static_cast<acc_t>(w);
-  if (!keep) {
-    return static_cast<out_t>(w);
-  }
   const acc_t sum = wv + scale * delta;
-  const out_t merged = static_cast<out_t>(sum);
-  if (static_cast<acc_t>(merged) == acc_t(0) && wv != acc_t(0)) {
-    const acc_t tiny = smallest_normal<out_t, acc_t>();
-    return static_cast<out_t>((sum < acc_t(0) || (sum == acc_t(0) && wv < acc_t(0))) ? -tiny : tiny);
-  }
-  return merged;
+  const acc_t rounded = static_cast<acc_t>(static_cast<out_t>(sum));
+  const acc_t tiny = smallest_normal<out_t, acc_t>();
+  const acc_t nonzero = (sum < acc_t(0) || (sum == acc_t(0) && wv < acc_t(0))) ? -tiny : tiny;
+  const acc_t kept = (rounded == acc_t(0) && wv != acc_t(0)) ? nonzero : rounded;
+  return keep ? static_cast<out_t>(kept) : static_cast<out_t>(w);
 }
 
 }  // namespace sparse_adapt::kernels
