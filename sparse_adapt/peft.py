@@ -104,13 +104,18 @@ class SparseAdaptLoraConfig(peft.LoraConfig):
 
     @property
     def _method_config(self) -> SparseLoraConfig:
-        options = {k: v for k, v in self.sparse_adapt.items() if k not in ("method", "format")}
-        if "clip" in options and options["clip"] is not None:
-            options["clip"] = tuple(options["clip"])
-        target = self.target_modules if isinstance(self.target_modules, str) else sorted(self.target_modules or [])
-        return config_for(self.sparse_adapt["method"], r=self.r, alpha=float(self.lora_alpha),
-                          dropout=float(self.lora_dropout), use_rslora=bool(self.use_rslora),
-                          target_modules=target or "all-linear", **options)
+        return _method_config(self.sparse_adapt, self)
+
+
+def _method_config(options: Dict[str, Any], config: peft.LoraConfig) -> SparseLoraConfig:
+    """The sparse_adapt config that `options` (the saved "sparse_adapt" entry) and PEFT's LoraConfig describe."""
+    fields_ = {k: v for k, v in options.items() if k not in ("method", "format")}
+    if fields_.get("clip") is not None:
+        fields_["clip"] = tuple(fields_["clip"])
+    target = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules or [])
+    return config_for(options["method"], r=config.r, alpha=float(config.lora_alpha),
+                      dropout=float(config.lora_dropout), use_rslora=bool(config.use_rslora),
+                      target_modules=target or "all-linear", **fields_)
 
 
 def _check_options(options: Dict[str, Any], config: peft.LoraConfig) -> Dict[str, Any]:
@@ -150,9 +155,7 @@ def _check_options(options: Dict[str, Any], config: peft.LoraConfig) -> Dict[str
         raise ValueError(f"method {method!r} takes no option(s) {sorted(unknown)} (its options: {sorted(allowed)}; "
                          f"r, alpha, dropout, rsLoRA and target modules come from the LoraConfig)")
     try:
-        config_for(method, r=config.r, alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
-                   **{k: (tuple(v) if k == "clip" and v is not None else v) for k, v in options.items()
-                      if k not in ("method", "format")})
+        _method_config(options, config)
     except TypeError as e:  # a wrong type of value
         raise ValueError(f"method {method!r}: {e}") from None
     return options

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .adapters import adapter_sites
+from .adapters import adapter_sites, find_targets
 
 FORMAT = "sparse-24-bitmask"
 PARTS = ("compressed", "bitmask", "shape")
@@ -48,13 +48,8 @@ def violations_2_4(weight: Tensor) -> int:
 
 
 def _targets(model: nn.Module, ignore: Sequence[str]) -> List[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = []
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and module is not head and not any(
-                name == i or name.endswith("." + i) for i in ignore):
-            names.append(name)
-    return names
+    """The linears to compress: inject's 'all-linear' (every nn.Linear but the output embedding) less `ignore`."""
+    return [n for n in find_targets(model, "all-linear") if not any(n == i or n.endswith("." + i) for i in ignore)]
 
 
 def save_sparse24(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=None,
@@ -130,7 +125,8 @@ def save_sparse24(model: nn.Module, directory: Union[str, os.PathLike], tokenize
 
 def _ignored(model: nn.Module, targets: List[str]) -> List[str]:
     """The Linear modules left dense, as compressed-tensors' `ignore` lists them (vLLM reads it per module)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(targets)]
+    compressed = set(targets)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in compressed]
 
 
 def _drop_tied(model: nn.Module, tensors: Dict[str, Tensor]) -> None:
