@@ -110,8 +110,8 @@ def weight_gradients(model, loss):
     return dict(zip(linears, grads))
 
 
-@pytest.mark.parametrize("method", ["lors", "lora"])
-def test_gradient_svd_init_is_the_top_singular_subspace_of_the_gradient(method):
+@pytest.mark.parametrize("method,row_norm", [("lors", None), ("lora", None), ("lors", 1.0)])
+def test_gradient_svd_init_is_the_top_singular_subspace_of_the_gradient(method, row_norm):
     model, example = make_model("attention")
     x = example()
     target = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
@@ -121,13 +121,16 @@ def test_gradient_svd_init_is_the_top_singular_subspace_of_the_gradient(method):
 
     reference = weight_gradients(model, loss_fn(model, x))
     r = 4
-    sa.inject(model, sa.SparseLoraConfig(method=method, r=r, init="gradient_svd"), calibration_batches=[x],
-              loss_fn=loss_fn)
+    extra = {} if row_norm is None else dict(init_row_norm=row_norm)
+    config = sa.SparseLoraConfig(method=method, r=r, init="gradient_svd", **extra)
+    sa.inject(model, config, calibration_batches=[x], loss_fn=loss_fn)
+    norm = 3 ** -0.5 if row_norm is None else row_norm  # default: the row norm of LoRA's kaiming-uniform A
+    assert config.init_row_norm == norm
     for name, layer in sa.adapter_layers(model):
         assert torch.count_nonzero(layer.lora_B) == 0 and layer.lora_A.grad is None and layer.lora_B.grad is None
         V = torch.linalg.svd(reference[name]).Vh[:r]  # the exact top-r right singular vectors
-        A = layer.lora_A.detach()
-        torch.testing.assert_close(A @ A.T, torch.eye(r), atol=1e-4, rtol=0)  # orthonormal rows
+        A = layer.lora_A.detach() / norm
+        torch.testing.assert_close(A @ A.T, torch.eye(r), atol=1e-4, rtol=0)  # orthogonal rows of that norm
         cosines = torch.linalg.svdvals(A @ V.T)  # of the principal angles between the two subspaces
         assert cosines.min() > 0.99, f"{name}: subspace cosines {cosines.tolist()}"
     with torch.no_grad():
@@ -150,10 +153,16 @@ def test_gradient_svd_first_step_is_the_best_rank_r_step():
               calibration_batches=[x], loss_fn=loss_fn)
     loss_fn(model, x).backward()
     layer = model.fc1
-    step_direction = layer.lora_B.grad @ layer.lora_A.detach() / layer.scale
+    step_direction = layer.lora_B.grad @ layer.lora_A.detach() / layer.scale / layer.config.init_row_norm ** 2
     U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
     best_rank_r = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
     torch.testing.assert_close(step_direction, best_rank_r, atol=1e-3 * S[0].item(), rtol=0)
+
+
+def test_init_row_norm_validation():
+    for bad in (0.0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="init_row_norm"):
+            sa.SparseLoraConfig(init_row_norm=bad)
 
 
 def test_rslora_scale():

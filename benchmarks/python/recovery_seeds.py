@@ -8,8 +8,9 @@ median step time as ratios to LoRA measured in the same run.
     python benchmarks/python/recovery_seeds.py --quick --seeds 0 1 2 [--variants lors sqft ...]
     python benchmarks/python/recovery_seeds.py --quick --seeds 0 --variants spp@1e-3 spp@3e-3 spp@1e-2   # lr sweep
 
-A variant is a method with options: lors (STE gradients, gradient-SVD init: the paper's), lors+exact (exact masked
-gradients), lors+zeros (zeros_B init), sqft, lora, spp; `@lr` sets its learning rate (default: the demo's).
+A variant is a method with options: lors (the default: STE gradients, gradient-SVD init with A's rows at LoRA's
+row norm), lors+unit (the paper's unit rows), lors+exact (exact masked gradients), lors+zeros (zeros_B init),
+sqft, lora, spp, roselora; `@lr` sets its learning rate (default: the demo's).
 """
 
 import argparse
@@ -26,7 +27,9 @@ from sparse_adapt.demo.run import machine_description
 
 VARIANTS = {
     "lors": dict(method="lors"),
+    "lors+unit": dict(method="lors", init_row_norm=1.0),
     "lors+exact": dict(method="lors", exact_grad=True),
+    "lors+exact+unit": dict(method="lors", exact_grad=True, init_row_norm=1.0),
     "lors+zeros": dict(method="lors", init="zeros_B"),
     "lors+exact+zeros": dict(method="lors", exact_grad=True, init="zeros_B"),
     "sqft": dict(method="sqft"),

@@ -8,6 +8,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 from .method import INITS, get_method, method_names
 
 CLIP_KINDS = ("frobenius", "elementwise")
+# The expected norm of a row of LoRA's A at its kaiming-uniform init (a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))).
+LORA_A_ROW_NORM = 3 ** -0.5
 
 
 def _help(text: str) -> Dict[str, str]:
@@ -36,6 +38,11 @@ class SparseLoraConfig:
         "gradient_svd (LoRS): A = top-r right singular vectors of each weight's estimated first-step gradient, zero "
         "B; needs calibration batches (sa.inject(..., calibration_batches=...)). A method's record says which of "
         "these it takes (spp/spp_gc: zeros_B only, SPP's own init)."))
+    init_row_norm: float = field(default=LORA_A_ROW_NORM, metadata=_help(
+        "gradient_svd: the norm given to each row of A (the singular vectors are unit rows). The default, 1/sqrt(3), "
+        "is the expected row norm of LoRA's kaiming-uniform A, so that lr and alpha mean what they mean for LoRA; "
+        "1.0 is the LoRS paper's unit rows (measured: they stall at the full demo budget on one seed of three, "
+        "README, 'Recovery over seeds')."))
     use_rslora: bool = field(default=False, metadata=_help("rsLoRA: scale = alpha / sqrt(r)."))
     exact_grad: bool = field(default=False, metadata=_help(
         "lors only: exact masked adapter gradients (forms an out x in gradient in backward) instead of LoRS's "
@@ -49,6 +56,9 @@ class SparseLoraConfig:
             raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.init_row_norm, (int, float)) and math.isfinite(self.init_row_norm)
+                and self.init_row_norm > 0):
+            raise ValueError(f"init_row_norm must be a positive finite number, got {self.init_row_norm!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.init not in record.inits:

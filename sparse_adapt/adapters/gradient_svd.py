@@ -1,7 +1,8 @@
 """LoRS's gradient-SVD initialisation: each lora_A from the top-r right singular vectors of its weight's
-estimated first-step gradient, lora_B = 0 (so the model is unchanged at step 0 and the first step moves each
-weight along the best rank-r approximation of its gradient). A data-driven init, so it sits beside the adapters it
-initialises (as PEFT's LoRA-GA and EVA do) and inject calls it for init='gradient_svd'."""
+estimated first-step gradient (each row scaled to the adapter config's ``init_row_norm``), lora_B = 0 (so the
+model is unchanged at step 0 and the first step moves each weight along the best rank-r approximation of its
+gradient). A data-driven init, so it sits beside the adapters it initialises (as PEFT's LoRA-GA and EVA do) and
+inject calls it for init='gradient_svd'."""
 
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
@@ -50,6 +51,10 @@ def _top_right_singular_vectors(dW: Tensor, r: int, niter: int, oversample: int 
 def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[Callable] = None,
                        niter: int = 4) -> nn.Module:
     """Set every adapter's lora_A from its weight's gradient and lora_B to zero, in place.
+
+    A's rows are the top-r right singular vectors scaled to the adapter's ``config.init_row_norm`` (default: the
+    row norm LoRA's A starts with, so that a learning rate tuned for LoRA suits LoRS too; 1.0 for the paper's unit
+    rows).
 
     One forward and backward over the calibration batches (concatenated). Each layer's gradient
     ``dW = gyᵀ x`` (out, in) is formed inside its backward hook, reduced to its top-r right singular vectors
@@ -103,7 +108,7 @@ def gradient_svd_init_(model: nn.Module, calibration_batches, loss_fn: Optional[
     with torch.no_grad():
         for name, layer in layers.items():
             A = full(layer.lora_A.detach()).clone()
-            A[: new_A[name].shape[0]] = new_A[name]
+            A[: new_A[name].shape[0]] = new_A[name] * layer.config.init_row_norm
             assign_(layer.lora_A, A)  # the local shard, under FSDP2
             layer.lora_B.zero_()
             layer.lora_A.grad = None
