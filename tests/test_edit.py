@@ -91,9 +91,9 @@ def smollm2():
 @pytest.mark.slow
 def test_roselora_edit_of_a_real_model(smollm2):
     """One counterfactual capital (seed 100) edited into SmolLM2-135M with the default recipe. Thresholds from
-    measured runs (benchmarks/results/knowledge-editing-cpu.md): single edits reached success 1.0, strict
-    neighbourhood locality 0.78 on average (the old recipe without the preservation term: 0.28) and kept
-    fluency; 0.5 separates a precise edit from one that rewrote the relation for every country."""
+    measured runs (benchmarks/results/knowledge-editing-cpu.md): this edit reached success 1.0 and strict
+    neighbourhood locality 0.95 (0.90-1.0 over three edits; with random neighbours only 0.78 on average, without
+    the preservation term 0.28) and kept fluency; 0.8 is above what random neighbours gave on average."""
     model, tokenizer = smollm2
     known = sa.edit.known_facts(model, tokenizer, sa.edit.capital_facts())
     assert len(known) > 30
@@ -101,7 +101,7 @@ def test_roselora_edit_of_a_real_model(smollm2):
     assert edits[0].subject in edits[0].prompt and len(edits[0].neighbors) == 20
     edited, m = sa.edit.apply_edits(model, tokenizer, edits, sa.edit.EditConfig(method="roselora"), locality)
     assert m.edit_exact == 1.0 and m.edit_success == 1.0
-    assert m.neighborhood >= 0.5 and m.locality >= 0.5
+    assert m.neighborhood >= 0.8 and m.locality >= 0.8
     assert m.fluency > 0.8 * m.fluency_before  # not repeating the target (LoRA's collapse scores 0)
     assert 0 < m.weights_changed < 0.05 * sum(layer.base_layer.weight.numel() for _, layer in sa.adapter_layers(edited))
     sa.unload(edited)
@@ -121,3 +121,34 @@ def test_edit_cli(tmp_path, smollm2):
     bad.write_text('{"prompt": "x", "target": ""}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:1"):
         cli.main(["edit", "--edits", str(bad)])
+
+
+@pytest.mark.slow
+def test_similar_subjects_find_subjects_of_the_same_kind(smollm2):
+    """The preservation term's hard neighbours: titles the model represents like the edit's subject. Countries
+    should find countries, people people -- not by any table, by the model's own representation."""
+    model, tokenizer = smollm2
+    france, einstein = sa.edit.similar_subjects(model, tokenizer, ["France", "Albert Einstein"], 8, pool=2048)
+    countries = {"Germany", "Austria", "Switzerland", "Hungary", "Portugal", "Luxembourg", "Belgium", "Spain", "Italy",
+                 "Japan", "China", "India", "Australia", "Netherlands", "Poland"}
+    assert len(countries & set(france)) >= 4 and "France" not in france, france
+    assert sum("physic" in t.lower() or "calculus" in t.lower() or t in ("Anna Freud", "Stephen Hawking")
+               for t in einstein) >= 3, einstein
+    again = sa.edit.similar_subjects(model, tokenizer, ["France"], 8, pool=2048, exclude=["Germany"])[0]
+    assert "Germany" not in again and len(again) == 8
+
+
+@pytest.mark.slow
+def test_neighbour_prompts_never_use_what_the_edit_is_measured_on(smollm2):
+    model, tokenizer = smollm2
+    e = sa.edit.Edit("The capital of France is", "Rome", subject="France",
+                     neighbors=[("The capital of Germany is", "Berlin")])
+    config = sa.edit.EditConfig(neighbors=8, neighbor_pool=2048)
+    prompts = sa.edit.editing.neighbour_prompts(model, tokenizer, [e], config, unseen=["The capital of Austria is"])
+    assert len(prompts) == 8 and all(p.startswith("The capital of ") and p.endswith(" is") for p in prompts)
+    subjects = [p[len("The capital of "):-len(" is")] for p in prompts]
+    assert not {"France", "Germany", "Austria"} & set(subjects)
+    baseline = sa.edit.editing.neighbour_prompts(model, tokenizer, [e], config)
+    assert "The capital of Germany is" not in prompts and baseline != prompts  # unseen changes the choice
+    with pytest.raises(ValueError, match="similar_neighbors"):
+        sa.edit.EditConfig(similar_neighbors=1.5)

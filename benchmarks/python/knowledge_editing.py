@@ -1,7 +1,8 @@
-"""Knowledge editing on SmolLM2-135M: counterfactual edits of countryinfo relations (capital and continent; the
-model knows too few demonyms for that relation), RoseLoRA against LoRA (same rank, steps and recipe) and FT-L (one
-MLP weight, ROME's L∞ constraint), as single edits (each on a fresh copy of the model, averaged) and as a batch of
-edits at once. Only facts the model gets right before editing are edited or used as neighbours.
+"""Knowledge editing on SmolLM2-135M: counterfactual edits of countryinfo relations (capital, continent and
+official language; the model knows too few demonyms for that relation), RoseLoRA against LoRA (same rank, steps
+and recipe) and FT-L (one MLP weight, ROME's L∞ constraint), as single edits (each on a fresh copy of the model,
+averaged) and as a batch of edits at once. Only facts the model gets right before editing are edited or used as
+neighbours.
 
 Two locality metrics, both reported: strict neighbourhood locality (the share of other countries of the *same*
 relation whose greedy continuation still begins with their true answer -- held out: the editor never sees them)
@@ -27,9 +28,11 @@ from sparse_adapt.assets import models
 # The levers of the editing recipe, measured one at a time from plain training to the default (--ablation).
 ABLATION = [
     ("plain: 40 steps on the prompt", dict(preserve=0.0, neighbors=0, prefixes=0, early_stop=False)),
-    ("+ preservation (KL, weight 20, on 32 generic neighbours)", dict(prefixes=0, early_stop=False)),
-    ("+ 4 generic prefixes", dict(early_stop=False)),
-    ("+ early stop (the default)", dict()),
+    ("+ preservation (KL, weight 20, on 32 random Wikipedia titles)",
+     dict(similar_neighbors=0.0, prefixes=0, early_stop=False)),
+    ("+ 4 generic prefixes", dict(similar_neighbors=0.0, early_stop=False)),
+    ("+ early stop", dict(similar_neighbors=0.0)),
+    ("+ half the neighbours the titles most like the subject (the default)", dict()),
     ("default, decoder layers 2-12 only", dict(layers=(2, 12))),
 ]
 
@@ -75,7 +78,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--singles", type=int, default=6, help="single edits to average, per relation")
     p.add_argument("--batch", type=int, default=15, help="edits applied together (0: none)")
-    p.add_argument("--relations", default="capital,continent")
+    p.add_argument("--relations", default="capital,continent,language")
     p.add_argument("--methods", default="roselora,lora,ft-l")
     p.add_argument("--ablation", action="store_true", help="measure each lever of the recipe (RoseLoRA, capitals)")
     p.add_argument("--threads", type=int, default=2)
@@ -137,7 +140,9 @@ Each edit moves a known country's fact to another known country's; rephrasings a
 relation; neighbours (strict locality) are up to 20 (8 per edit in the batch) other known countries of the same
 relation, held out from the editor, which sees only the edit request and generic text. Default `EditConfig`:
 {c.steps} steps of Adam at lr {c.lr}, r={c.r} on `mlp.down_proj` of decoder layers {c.layers}, KL weight
-{c.preserve} on {c.neighbors} neighbour prompts (the edit's template filled with Wikipedia titles), {c.prefixes}
+{c.preserve} on {c.neighbors} neighbour prompts (the edit's template filled with Wikipedia titles,
+{c.similar_neighbors:.0%} of them those the model represents most like the edit's subject, never one the edit is
+measured on), {c.prefixes}
 generic-text prefixes, early stop {c.early_stop}; RoseLoRA {c.sparsity:.0%} sparse rows of A / columns of B at the
 end; FT-L: {c.ft_module}, each weight within ±{c.ft_max_change}. Rows "1" average {args.singles} single edits,
 each on a fresh copy of the model. CPU, {args.threads} threads, torch {torch.__version__};

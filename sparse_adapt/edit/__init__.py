@@ -11,9 +11,13 @@ from .editing import (
     generic_subjects,
     infer_subject,
     mean_metrics,
+    neighbour_prompts,
     results_table,
+    similar_subjects,
+    subject_representations,
 )
 
 __all__ = ["EDIT_METHODS", "Edit", "EditConfig", "EditMetrics", "RELATIONS", "Relation", "apply_edits",
            "capital_facts", "counterfactual_edits", "generic_prefixes", "generic_subjects", "infer_subject",
-           "known_facts", "mean_metrics", "relation_facts", "results_table"]
+           "known_facts", "mean_metrics", "neighbour_prompts", "relation_facts", "results_table", "similar_subjects",
+           "subject_representations"]

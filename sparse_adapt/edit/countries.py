@@ -1,6 +1,6 @@
-"""Counterfactual edits built from `countryinfo` -- a country's capital, continent or demonym changed -- on facts
-the model knows. Used to *evaluate* editing (the held-out neighbours of each edit come from here); the editing
-itself never consults this table."""
+"""Counterfactual edits built from `countryinfo` -- a country's capital, continent, language or demonym changed --
+on facts the model knows. Used to *evaluate* editing (the held-out neighbours of each edit come from here); the
+editing itself never consults this table."""
 
 import random
 from dataclasses import dataclass
@@ -27,6 +27,28 @@ def _demonym(info) -> Optional[str]:
     return demonym.strip() if isinstance(demonym, str) and demonym.strip() else None
 
 
+# countryinfo gives languages as ISO 639-1 codes; the names of those a country can have as its one language.
+_LANGUAGES = {
+    "am": "Amharic", "ar": "Arabic", "az": "Azerbaijani", "bg": "Bulgarian", "bn": "Bengali", "cs": "Czech",
+    "da": "Danish", "de": "German", "dz": "Dzongkha", "el": "Greek", "en": "English", "es": "Spanish",
+    "et": "Estonian", "fa": "Persian", "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi",
+    "hr": "Croatian", "hu": "Hungarian", "hy": "Armenian", "id": "Indonesian", "is": "Icelandic", "it": "Italian",
+    "ja": "Japanese", "ka": "Georgian", "kk": "Kazakh", "km": "Khmer", "ko": "Korean", "lo": "Lao",
+    "lt": "Lithuanian", "lv": "Latvian", "mg": "Malagasy", "mn": "Mongolian", "ms": "Malay", "my": "Burmese",
+    "ne": "Nepali", "nl": "Dutch", "no": "Norwegian", "pl": "Polish", "ps": "Pashto", "pt": "Portuguese",
+    "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian", "so": "Somali", "sq": "Albanian",
+    "sr": "Serbian", "sv": "Swedish", "sw": "Swahili", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian",
+    "ur": "Urdu", "uz": "Uzbek", "vi": "Vietnamese", "zh": "Chinese",
+}
+
+
+def _language(info) -> Optional[str]:
+    languages = info.get("languages")
+    if isinstance(languages, list) and len(languages) == 1:
+        return _LANGUAGES.get(languages[0])
+    return None
+
+
 @dataclass(frozen=True)
 class Relation:
     """A relation between a country and a fact about it: its prompt, rephrasings, an optional portability prompt
@@ -44,6 +66,8 @@ RELATIONS: Dict[str, Relation] = {r.name: r for r in (
              "{} is the capital of", _capital),
     Relation("continent", "{} is a country on the continent of",
              ("{} is located on the continent of", "The country of {} lies on the continent of"), None, _continent),
+    Relation("language", "The official language of {} is",
+             ("{}'s official language is", "The language spoken in {} is"), None, _language),
     Relation("demonym", "A person from {} is called", ("Someone from {} is called", "A citizen of {} is called"),
              None, _demonym),
 )}

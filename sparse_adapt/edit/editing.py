@@ -174,7 +174,9 @@ class EditConfig:
     layers: Optional[Tuple[int, int]] = None  # adapt only decoder layers first..last (None: every layer)
     # The editing recipe around the method (benchmarks/python/knowledge_editing.py --ablation measures each lever):
     preserve: float = 20.0  # weight of KL(unedited || edited) at the answer position of neighbour prompts
-    neighbors: int = 32  # neighbour prompts: each edit's template filled with subjects from generic text
+    neighbors: int = 32  # neighbour prompts (in all): each edit's template filled with subjects from generic text
+    similar_neighbors: float = 0.5  # the share of them most like the edit's subject (the rest: random titles)
+    neighbor_pool: int = 4096  # Wikipedia titles searched for the similar ones
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
     early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
     generation_tokens: int = 32  # for fluency
@@ -188,6 +190,9 @@ class EditConfig:
             raise ValueError("steps must be >= 1 and lr > 0")
         if self.preserve < 0 or self.neighbors < 0 or self.prefixes < 0:
             raise ValueError("preserve, neighbors and prefixes must be >= 0")
+        if not 0 <= self.similar_neighbors <= 1 or self.neighbor_pool < 1:
+            raise ValueError(f"similar_neighbors must be in [0, 1] and neighbor_pool >= 1, got "
+                             f"{self.similar_neighbors!r} and {self.neighbor_pool!r}")
         if self.preserve > 0 and self.neighbors == 0:
             raise ValueError("preserve > 0 needs neighbors > 0 (the prompts it preserves)")
         if self.layers is not None:
@@ -257,6 +262,68 @@ def generic_subjects(n: int, seed: int = 0, exclude: Sequence[str] = ()) -> List
     return random.Random(seed).sample(titles, min(n, len(titles)))
 
 
+class _StopForward(Exception):
+    pass
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder (or encoder) blocks: its longest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError("the model has no ModuleList of layers to read subject representations from")
+    return max(lists, key=len)
+
+
+@torch.no_grad()
+def subject_representations(model: nn.Module, tokenizer, subjects: Sequence[str], layer: Optional[int] = None,
+                            batch_size: int = 256) -> torch.Tensor:
+    """(len(subjects), hidden) unit vectors: the hidden state of each subject's last token (the subject alone,
+    as a new word) after decoder block `layer` (default: an eighth of the way up, where the subject's tokens have
+    been read into one representation). The forward stops at that block."""
+    blocks = _decoder_layers(model)
+    layer = max(1, len(blocks) // 8) if layer is None else layer
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer must be in [0, {len(blocks)}), got {layer}")
+    device = next(model.parameters()).device
+    captured = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = blocks[layer].register_forward_hook(hook)
+    out = []
+    try:
+        for start in range(0, len(subjects), batch_size):
+            seqs = [metrics.encode(tokenizer, " " + s.strip(), True) for s in subjects[start:start + batch_size]]
+            ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
+            captured.clear()
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            h = captured[0][torch.arange(len(seqs), device=device), torch.tensor([len(q) - 1 for q in seqs])]
+            out.append(torch.nn.functional.normalize(h.float(), dim=-1).cpu())
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def similar_subjects(model: nn.Module, tokenizer, subjects: Sequence[str], n: int, pool: int = 2048,
+                     seed: int = 0, exclude: Sequence[str] = (), layer: Optional[int] = None) -> List[List[str]]:
+    """For each subject, the n titles of generic text (a pool of the shipped Wikipedia titles) that the model
+    represents most like it (cosine of :func:`subject_representations`): the other subjects an edit of it is most
+    likely to spill onto, and so the ones a preservation term should hold in place. No table of facts is
+    consulted; `exclude` (e.g. a benchmark's held-out subjects) never appears."""
+    if n == 0 or not subjects:
+        return [[] for _ in subjects]
+    candidates = generic_subjects(pool, seed, exclude=[*subjects, *exclude])
+    reps = subject_representations(model, tokenizer, candidates, layer)
+    query = subject_representations(model, tokenizer, subjects, layer)
+    nearest = (query @ reps.T).topk(min(n, len(candidates)), dim=-1).indices
+    return [[candidates[int(j)] for j in row] for row in nearest]
+
+
 def generic_prefixes(n: int, seed: int = 0, words: int = 8) -> List[str]:
     """n short prefixes of generic text (the first words of Wikipedia summaries, ending in '. '): training the
     edit behind them makes it hold in other contexts, as ROME's context templates do."""
@@ -269,17 +336,42 @@ def generic_prefixes(n: int, seed: int = 0, words: int = 8) -> List[str]:
     return [" ".join(x.split()[:words]).rstrip(".,;:") + ". " for x in chosen]
 
 
-class _Preservation:
-    """KL(unedited || edited) of the next-token distribution at the end of neighbour prompts: each edit's template
-    filled with generic subjects. The unedited distributions are computed once, before editing."""
+def neighbour_prompts(model, tokenizer, edits: Sequence[Edit], config: "EditConfig",
+                      unseen: Sequence[str] = ()) -> List[str]:
+    """The prompts the preservation term holds in place: each edit's template filled with other subjects from
+    generic text -- the `similar_neighbors` share of ``config.neighbors`` the titles the model represents most
+    like the edit's subject (:func:`similar_subjects`), the rest drawn at random. Subjects that occur in an edit's
+    own subject or in any of the `unseen` prompts (what the edit is measured on) are never used."""
+    with_template = [e for e in edits if e.template]
+    if not with_template or config.neighbors == 0:
+        return []
+    titles = [t for t in generic_subjects(10 ** 9, config.seed)
+              if any(t in p for p in unseen) or any(t in e.subject for e in with_template)]
+    per_edit = max(1, math.ceil(config.neighbors / len(with_template)))
+    n_similar = round(per_edit * config.similar_neighbors)
+    similar = similar_subjects(model, tokenizer, [e.subject for e in with_template], n_similar,
+                               pool=config.neighbor_pool, seed=config.seed, exclude=titles) if n_similar else None
+    taken = {s for row in similar or () for s in row}
+    randoms = iter(generic_subjects(len(with_template) * (per_edit - n_similar), config.seed + 1,
+                                    exclude=[*titles, *taken]))
+    prompts = []
+    for i, e in enumerate(with_template):
+        subjects = [*(similar[i] if similar else ()), *(next(randoms) for _ in range(per_edit - n_similar))]
+        prompts.extend(e.template.format(subject) for subject in subjects)
+    return prompts
 
-    def __init__(self, model, tokenizer, edits, config, device):
-        templates = [e.template for e in edits if e.template]
+
+class _Preservation:
+    """KL(unedited || edited) of the next-token distribution at the end of neighbour prompts
+    (:func:`neighbour_prompts`). The unedited distributions are computed once, before editing."""
+
+    def __init__(self, model, tokenizer, edits, config, device, unseen: Sequence[str] = ()):
         self.batch = None
-        if not templates or config.preserve == 0:
+        if config.preserve == 0:
             return
-        subjects = generic_subjects(config.neighbors, config.seed, exclude=[e.subject for e in edits])
-        prompts = [templates[i % len(templates)].format(subject) for i, subject in enumerate(subjects)]
+        prompts = neighbour_prompts(model, tokenizer, edits, config, unseen)
+        if not prompts:
+            return
         seqs = [metrics.encode(tokenizer, p, True) for p in prompts]
         ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
         self.last = torch.tensor([len(q) - 1 for q in seqs], device=device)
@@ -410,7 +502,9 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
 
     batch = _edit_batch(tokenizer, edits, target_ids, device, generic_prefixes(config.prefixes, config.seed))
     t0 = time.perf_counter()
-    preservation = _Preservation(model, tokenizer, edits, config, device)
+    # What the edits are measured on (their neighbours, the locality prompts) is never among the preserved prompts.
+    unseen = [*locality_prompts, *(p for e in edits for p, _ in e.neighbors)]
+    preservation = _Preservation(model, tokenizer, edits, config, device, unseen)
     # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
     with restored_on_failure(model):
         if config.method == "ft-l":
