@@ -107,7 +107,11 @@ def _edit(args) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load_smollm2()
     # With --save-adapter the adapter is saved unmerged first, and merged after (--merge).
-    config = EditConfig(method=args.method, steps=args.steps, merge=args.merge and not args.save_adapter)
+    if args.save_adapter and len(edits) > 1 and not args.together:
+        raise SystemExit(f"--save-adapter saves one adapter, but the {len(edits)} edits of {args.edits} are made one "
+                         f"after another, each merged before the next; add --together to train them as one adapter")
+    config = EditConfig(method=args.method, steps=args.steps, merge=args.merge and not args.save_adapter,
+                        group_size=None if args.together else 1)
     model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
     text = results_table([m]) + "\n\n" + "\n".join(
         f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
@@ -215,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .edit.editing import EDIT_METHODS
 
     ed = sub.add_parser("edit", help="edit facts of SmolLM2-135M with RoseLoRA (or LoRA / FT-L) and measure them",
-                        description="Apply the edits of a JSONL file at once and report edit success, "
+                        description="Apply the edits of a JSONL file and report edit success, "
                                     "generalization, locality, portability, fluency and weights changed.")
     ed.add_argument("--edits", required=True,
                     help="JSONL (prompt, target[, subject, rephrasings, portability, neighbors, locality]) or "
@@ -224,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--method", default="roselora", choices=EDIT_METHODS)
     ed.add_argument("--steps", type=_positive_int, default=40)
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
-    ed.add_argument("--save-adapter", help="directory to save the (unmerged) adapter to (roselora, lora)")
+    ed.add_argument("--together", action="store_true",
+                    help="train all edits as one batch into one adapter (default: one edit after another, each "
+                         "merged and held in place while the later ones are made)")
+    ed.add_argument("--save-adapter", help="directory to save the (unmerged) adapter to (roselora, lora; one edit, "
+                                           "or several with --together)")
     ed.add_argument("--out", help="write the results table here (Markdown)")
     ed.add_argument("--threads", type=_positive_int, default=2)
     ed.add_argument("--device", default="cpu")

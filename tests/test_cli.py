@@ -103,3 +103,10 @@ def test_save_adapter_with_ft_l_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["edit", "--edits", path, "--method", "ft-l", "--save-adapter", str(tmp_path / "a")])
     assert "--save-adapter needs an adapter method" in capsys.readouterr().err
+
+
+def test_save_adapter_of_edits_made_one_after_another_is_refused(tmp_path):
+    path = write_lines(tmp_path / "e.jsonl", GOOD, {**GOOD, "prompt": "The capital of Peru is"})
+    with pytest.raises(SystemExit, match="add --together"):
+        cli.main(["edit", "--edits", path, "--save-adapter", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())

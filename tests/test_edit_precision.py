@@ -118,8 +118,12 @@ def test_generic_neighbours_and_prefixes_come_from_the_wikipedia_titles():
 
 
 def test_recipe_config_validation():
-    with pytest.raises(ValueError, match="needs neighbors"):
-        sa.edit.EditConfig(preserve=1.0, neighbors=0)
+    with pytest.raises(ValueError, match="needs something to preserve"):
+        sa.edit.EditConfig(preserve=1.0, neighbors=0, preserve_after=0, group_size=None)
+    with pytest.raises(ValueError, match="group_size"):
+        sa.edit.EditConfig(group_size=0)
+    with pytest.raises(ValueError, match="preserve_after"):
+        sa.edit.EditConfig(preserve_after=-1)
     with pytest.raises(ValueError, match="layers"):
         sa.edit.EditConfig(layers=(5, 2))
 
@@ -134,3 +138,64 @@ def test_relations_give_facts_and_counterfactuals(relation):
         assert e.subject in e.prompt and len(e.neighbors) == 5
         assert all(e.subject not in p for p, _ in e.neighbors)
         assert not math.isnan(len(e.rephrasings))
+
+
+def _digit_edits():
+    return [sa.edit.Edit("1 2 3", "7"), sa.edit.Edit("4 5 6", "9 9")]
+
+
+def _tiny_edit_config(**kw):
+    fields = dict(method="lora", steps=40, lr=2e-2, r=4, alpha=8.0, neighbors=0, prefixes=0, preserve=1.0,
+                  preserve_after=2, generation_tokens=4)
+    return sa.edit.EditConfig(**{**fields, **kw})
+
+
+def test_edits_in_groups_hold_the_earlier_ones(monkeypatch):
+    """group_size=1: each edit is made on the model the earlier ones left (merged), its preservation term holding
+    the earlier edits' answers and what the unedited model says after the new answer."""
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(), DigitTokenizerLM()
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    before = [model.get_submodule(n).weight.detach().clone() for n in names]
+    terms = []
+    real_kl = editing._KL
+
+    def recording_kl(model, sequences, positions, pad_id, device):
+        terms.append((sequences, positions))
+        return real_kl(model, sequences, positions, pad_id, device)
+
+    monkeypatch.setattr(editing, "_KL", recording_kl)
+    edited, m = sa.edit.apply_edits(model, tok, _digit_edits(), _tiny_edit_config(group_size=1))
+    assert m.edit_exact == 1.0 and m.edits == 2
+    assert not list(sa.adapter_layers(edited))  # each group merged before the next
+    assert m.weights_changed > 0
+    assert m.weights_changed == sum(int((edited.get_submodule(n).weight != w).sum()) for n, w in zip(names, before))
+    # first edit: only the continuation after "1 2 3 7" (2 tokens, scored from the answer's position on)
+    (after1, cols1), (after2, cols2), (earlier, cols_earlier) = terms
+    assert len(after1) == 1 and after1[0][:4] == [1, 2, 3, 7] and cols1 == [[3, 4]]
+    assert after2[0][:5] == [4, 5, 6, 9, 9] and cols2 == [[4, 5]]
+    assert earlier == [[1, 2, 3, 7]] and cols_earlier == [[2]]  # the first edit's answer, held while the second
+
+
+def test_a_failing_group_leaves_the_model_as_it_came(monkeypatch):
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(), DigitTokenizerLM()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    real_train = editing._train
+
+    def train_then_fail(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(editing, "_train", train_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sa.edit.apply_edits(model, tok, _digit_edits(), _tiny_edit_config(group_size=1, steps=5))
+    assert len(calls) == 2 and not list(sa.adapter_layers(model))  # the first group had been merged
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())

@@ -1,8 +1,8 @@
 """Knowledge editing on SmolLM2-135M: counterfactual edits of countryinfo relations (capital, continent and
 official language; the model knows too few demonyms for that relation), RoseLoRA against LoRA (same rank, steps
 and recipe) and FT-L (one MLP weight, ROME's L∞ constraint), as single edits (each on a fresh copy of the model,
-averaged) and as a batch of edits at once. Only facts the model gets right before editing are edited or used as
-neighbours.
+averaged) and as a batch of edits in one call (the default recipe makes them one after another, each holding the
+earlier ones). Only facts the model gets right before editing are edited or used as neighbours.
 
 Two locality metrics, both reported: strict neighbourhood locality (the share of other countries of the *same*
 relation whose greedy continuation still begins with their true answer -- held out: the editor never sees them)
@@ -26,13 +26,16 @@ from sparse_adapt import edit
 from sparse_adapt.assets import models
 
 # The levers of the editing recipe, measured one at a time from plain training to the default (--ablation).
+_JOINT = dict(preserve_after=0, group_size=None)  # before those levers: a batch trained as one
 ABLATION = [
-    ("plain: 40 steps on the prompt", dict(preserve=0.0, neighbors=0, prefixes=0, early_stop=False)),
+    ("plain: 40 steps on the prompt", dict(preserve=0.0, neighbors=0, prefixes=0, early_stop=False, **_JOINT)),
     ("+ preservation (KL, weight 20, on 32 random Wikipedia titles)",
-     dict(similar_neighbors=0.0, prefixes=0, early_stop=False)),
-    ("+ 4 generic prefixes", dict(similar_neighbors=0.0, early_stop=False)),
-    ("+ early stop", dict(similar_neighbors=0.0)),
-    ("+ half the neighbours the titles most like the subject (the default)", dict()),
+     dict(similar_neighbors=0.0, prefixes=0, early_stop=False, **_JOINT)),
+    ("+ 4 generic prefixes", dict(similar_neighbors=0.0, early_stop=False, **_JOINT)),
+    ("+ early stop", dict(similar_neighbors=0.0, **_JOINT)),
+    ("+ half the neighbours the titles most like the subject", _JOINT),
+    ("+ KL on the unedited model's 16 tokens after the new answer", dict(group_size=None)),
+    ("+ a batch applied one edit after another, each holding the earlier (the default)", dict()),
     ("default, decoder layers 2-12 only", dict(layers=(2, 12))),
 ]
 
@@ -143,7 +146,9 @@ relation, held out from the editor, which sees only the edit request and generic
 {c.preserve} on {c.neighbors} neighbour prompts (the edit's template filled with Wikipedia titles,
 {c.similar_neighbors:.0%} of them those the model represents most like the edit's subject, never one the edit is
 measured on), {c.prefixes}
-generic-text prefixes, early stop {c.early_stop}; RoseLoRA {c.sparsity:.0%} sparse rows of A / columns of B at the
+generic-text prefixes, early stop {c.early_stop}, KL also on the unedited model's {c.preserve_after} tokens
+after the new answer, a batch made in groups of {c.group_size} edit(s), each holding the earlier; RoseLoRA
+{c.sparsity:.0%} sparse rows of A / columns of B at the
 end; FT-L: {c.ft_module}, each weight within ±{c.ft_max_change}. Rows "1" average {args.singles} single edits,
 each on a fresh copy of the model. CPU, {args.threads} threads, torch {torch.__version__};
 {time.perf_counter() - t0:.0f} s in all.

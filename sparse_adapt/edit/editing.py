@@ -1,5 +1,6 @@
 """apply_edits: write new facts into a causal LM with RoseLoRA (or the LoRA / FT-L baselines) and measure them."""
 
+import contextlib
 import math
 import random
 import re
@@ -171,12 +172,16 @@ class EditConfig:
     ft_module: str = "model.layers.8.mlp.down_proj"  # ft-l: the one weight that is fine-tuned
     ft_max_change: float = 5e-3  # ft-l: ROME's L∞ constraint on the change of each weight
     merge: bool = False  # fold the adapters into the weights before returning
+    # Edits trained together; the groups are applied one after another, each holding the earlier groups' edits in
+    # place (preservation term) and merged before the next (None: all edits in one group).
+    group_size: Optional[int] = 1
     layers: Optional[Tuple[int, int]] = None  # adapt only decoder layers first..last (None: every layer)
     # The editing recipe around the method (benchmarks/python/knowledge_editing.py --ablation measures each lever):
     preserve: float = 20.0  # weight of KL(unedited || edited) at the answer position of neighbour prompts
     neighbors: int = 32  # neighbour prompts (in all): each edit's template filled with subjects from generic text
     similar_neighbors: float = 0.5  # the share of them most like the edit's subject (the rest: random titles)
     neighbor_pool: int = 4096  # Wikipedia titles searched for the similar ones
+    preserve_after: int = 16  # KL also on the unedited model's next tokens after prompt + new target (0: off)
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
     early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
     generation_tokens: int = 32  # for fluency
@@ -188,13 +193,16 @@ class EditConfig:
             raise ValueError(f"method must be one of {EDIT_METHODS}, got {self.method!r}")
         if self.steps < 1 or not self.lr > 0:
             raise ValueError("steps must be >= 1 and lr > 0")
-        if self.preserve < 0 or self.neighbors < 0 or self.prefixes < 0:
-            raise ValueError("preserve, neighbors and prefixes must be >= 0")
+        if self.preserve < 0 or self.neighbors < 0 or self.prefixes < 0 or self.preserve_after < 0:
+            raise ValueError("preserve, neighbors, prefixes and preserve_after must be >= 0")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None (all edits together), got {self.group_size!r}")
         if not 0 <= self.similar_neighbors <= 1 or self.neighbor_pool < 1:
             raise ValueError(f"similar_neighbors must be in [0, 1] and neighbor_pool >= 1, got "
                              f"{self.similar_neighbors!r} and {self.neighbor_pool!r}")
-        if self.preserve > 0 and self.neighbors == 0:
-            raise ValueError("preserve > 0 needs neighbors > 0 (the prompts it preserves)")
+        if self.preserve > 0 and self.neighbors == 0 and self.preserve_after == 0 and self.group_size is None:
+            raise ValueError("preserve > 0 needs something to preserve: neighbors > 0, preserve_after > 0 or "
+                             "group_size (earlier edits)")
         if self.layers is not None:
             first, last = self.layers
             if not 0 <= first <= last:
@@ -361,35 +369,61 @@ def neighbour_prompts(model, tokenizer, edits: Sequence[Edit], config: "EditConf
     return prompts
 
 
-class _Preservation:
-    """KL(unedited || edited) of the next-token distribution at the end of neighbour prompts
-    (:func:`neighbour_prompts`). The unedited distributions are computed once, before editing."""
+class _KL:
+    """KL(unedited || edited) of the next-token distributions at chosen positions of fixed token sequences, averaged
+    over the positions. The unedited distributions are computed once, at construction."""
 
-    def __init__(self, model, tokenizer, edits, config, device, unseen: Sequence[str] = ()):
-        self.batch = None
+    def __init__(self, model, sequences, positions, pad_id: int, device):
+        ids, mask = metrics.pad_batch(sequences, pad_id)
+        self.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        self.rows = torch.tensor([i for i, cols in enumerate(positions) for _ in cols], device=device)
+        self.cols = torch.tensor([c for cols in positions for c in cols], device=device)
+        with torch.no_grad():
+            self.base = self.log_probs(model)
+
+    def log_probs(self, model):
+        logits = model(**self.batch, use_cache=False).logits
+        return torch.log_softmax(logits[self.rows, self.cols].float(), -1)
+
+    def __call__(self, model):
+        return (self.base.exp() * (self.base - self.log_probs(model))).sum(-1).mean()
+
+
+class _Preservation:
+    """What the edit must leave alone, as KL terms against the unedited model (weight ``config.preserve``): the
+    next-token distribution at the end of neighbour prompts (:func:`neighbour_prompts`), and -- so that the edited
+    model goes on after its new answer as it would have, instead of repeating it -- the unedited model's own
+    ``preserve_after`` next tokens after each prompt followed by its new target; and, when edits are applied
+    in groups (``config.group_size``), the distributions of the ``earlier`` groups' (edit, target ids) at their
+    targets, so that a later edit does not undo an earlier one."""
+
+    def __init__(self, model, tokenizer, edits, target_ids, config, device, unseen: Sequence[str] = (),
+                 earlier: Sequence[Tuple[Edit, List[int]]] = ()):
+        self.terms, self.weight = [], config.preserve
         if config.preserve == 0:
             return
+        pad = tokenizer.pad_token_id or 0
         prompts = neighbour_prompts(model, tokenizer, edits, config, unseen)
-        if not prompts:
-            return
-        seqs = [metrics.encode(tokenizer, p, True) for p in prompts]
-        ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
-        self.last = torch.tensor([len(q) - 1 for q in seqs], device=device)
-        self.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        self.weight = config.preserve
-        with torch.no_grad():
-            self.base = self._log_probs(model)
-
-    def _log_probs(self, model):
-        logits = model(**self.batch, use_cache=False).logits
-        return torch.log_softmax(logits[torch.arange(len(self.last), device=logits.device), self.last].float(), -1)
+        if prompts:
+            seqs = [metrics.encode(tokenizer, p, True) for p in prompts]
+            self.terms.append(_KL(model, seqs, [[len(q) - 1] for q in seqs], pad, device))
+        if config.preserve_after:
+            stems = [metrics.encode(tokenizer, e.prompt, True) + t for e, t in zip(edits, target_ids)]
+            after = metrics.continue_ids(model, tokenizer, stems, config.preserve_after)
+            seqs = [s + a for s, a in zip(stems, after) if a]
+            cols = [list(range(len(s) - 1, len(s) - 1 + len(a))) for s, a in zip(stems, after) if a]
+            if seqs:
+                self.terms.append(_KL(model, seqs, cols, pad, device))
+        if earlier:
+            prompts = [metrics.encode(tokenizer, e.prompt, True) for e, _ in earlier]
+            seqs = [p + t for p, (_, t) in zip(prompts, earlier)]
+            cols = [list(range(len(p) - 1, len(p) - 1 + len(t))) for p, (_, t) in zip(prompts, earlier)]
+            self.terms.append(_KL(model, seqs, cols, pad, device))
 
     def loss(self, model):
-        if self.batch is None:
+        if not self.terms:
             return None
-        edited = self._log_probs(model)
-        kl = (self.base.exp() * (self.base - edited)).sum(-1).mean()
-        return self.weight * kl
+        return self.weight * sum(term(model) for term in self.terms)
 
 
 def _train(model, params, batch, config, preservation=None, after_step=None, desc="editing", may_stop=None):
@@ -449,6 +483,19 @@ def _adapter_edit(model, config, batch, preservation) -> None:
            may_stop)
 
 
+@contextlib.contextmanager
+def _weights_restored_on_failure(weights: Sequence[torch.Tensor], originals: Sequence[torch.Tensor]):
+    """If the block raises, copy each weight's original values back (edits merged before the failure) and
+    re-raise."""
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for w, o in zip(weights, originals):
+                w.copy_(o)
+        raise
+
+
 def _ft_l_edit(model, config, batch, preservation) -> Tuple[torch.Tensor, torch.Tensor]:
     """FT-L (ROME's baseline): fine-tune one MLP weight directly, each entry kept within ±ft_max_change."""
     for p in model.parameters():
@@ -486,9 +533,11 @@ def _texts(tokenizer, token_lists) -> List[str]:
 
 def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Optional[EditConfig] = None,
                 locality_prompts: Sequence[str] = ()) -> Tuple[nn.Module, EditMetrics]:
-    """Apply all ``edits`` at once (one batch) and measure them. Returns the edited model -- with the adapters
-    attached, or merged if ``config.merge`` -- and its :class:`EditMetrics`. ``locality_prompts`` are prompts
-    unrelated to the edits whose continuations should not change."""
+    """Apply all ``edits`` and measure them. Edits are trained in groups of ``config.group_size`` (default 1:
+    one after another, each group held in place by the preservation term while the later ones are made; None:
+    all together). Returns the edited model -- with the adapters attached when there was one group and
+    ``config.merge`` is False, else merged -- and its :class:`EditMetrics`. ``locality_prompts`` are prompts
+    unrelated to the edits whose continuations should not change. A failure leaves the model as it came."""
     config = config or EditConfig()
     edits = [e if isinstance(e, Edit) else Edit.from_dict(e) for e in edits]
     target_ids = _validate(edits, tokenizer)
@@ -500,21 +549,33 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     fluency_before = metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(
         model, tokenizer, gen_prompts, config.generation_tokens)))
 
-    batch = _edit_batch(tokenizer, edits, target_ids, device, generic_prefixes(config.prefixes, config.seed))
+    prefixes = generic_prefixes(config.prefixes, config.seed)
+    group = config.group_size or len(edits)
+    groups = [list(range(i, min(i + group, len(edits)))) for i in range(0, len(edits), group)]
     t0 = time.perf_counter()
-    # What the edits are measured on (their neighbours, the locality prompts) is never among the preserved prompts.
-    unseen = [*locality_prompts, *(p for e in edits for p, _ in e.neighbors)]
-    preservation = _Preservation(model, tokenizer, edits, config, device, unseen)
+    # What the edits are measured on (their neighbours, the locality prompts) and every edit's subject are never
+    # among the preserved prompts.
+    unseen = [*locality_prompts, *(p for e in edits for p, _ in e.neighbors), *(e.subject for e in edits if e.subject)]
+    names = [config.ft_module] if config.method == "ft-l" else _adapted_modules(model, config)
+    weights = [model.get_submodule(n).weight for n in names]
+    originals = [w.detach().clone() for w in weights]
     # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
-    with restored_on_failure(model):
-        if config.method == "ft-l":
-            weight, original = _ft_l_edit(model, config, batch, preservation)
-            changed = int((weight != original).sum())
-        else:
-            _adapter_edit(model, config, batch, preservation)
+    with restored_on_failure(model), _weights_restored_on_failure(weights, originals):
+        for k, g in enumerate(groups):
+            sub, ids = [edits[i] for i in g], [target_ids[i] for i in g]
+            batch = _edit_batch(tokenizer, sub, ids, device, prefixes)
+            earlier = [(edits[i], target_ids[i]) for h in groups[:k] for i in h]
+            preservation = _Preservation(model, tokenizer, sub, ids, config, device, unseen, earlier)
+            if config.method == "ft-l":
+                _ft_l_edit(model, config, batch, preservation)
+            else:
+                _adapter_edit(model, config, batch, preservation)
+                if config.merge or len(groups) > 1:  # the next group's adapters start from the edited weights
+                    merge(model)
+        if config.method != "ft-l" and len(groups) == 1:
             changed = _weights_changed_by_adapters(model)
-            if config.merge:
-                merge(model)
+        else:
+            changed = sum(int((w != o).sum()) for w, o in zip(weights, originals))
     seconds = time.perf_counter() - t0
 
     edit_m = metrics.token_matches(model, tokenizer, gen_prompts, target_ids)

@@ -65,10 +65,16 @@ def exact(matches: Sequence[Sequence[bool]]) -> float:
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, prompts: Sequence[str], tokens: int) -> List[List[int]]:
     """The next `tokens` greedy tokens after each prompt (one prompt at a time: no padding subtleties)."""
+    return continue_ids(model, tokenizer, [encode(tokenizer, prompt, True) for prompt in prompts], tokens)
+
+
+@torch.no_grad()
+def continue_ids(model, tokenizer, sequences: Sequence[Sequence[int]], tokens: int) -> List[List[int]]:
+    """The next `tokens` greedy tokens after each sequence of token ids, one at a time."""
     device = next(model.parameters()).device
     out = []
-    for prompt in prompts:
-        ids = torch.tensor([encode(tokenizer, prompt, True)], device=device)
+    for seq in sequences:
+        ids = torch.tensor([list(seq)], device=device)
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         out.append(generated[0, ids.shape[1]:].tolist())
