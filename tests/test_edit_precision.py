@@ -199,3 +199,18 @@ def test_a_failing_group_leaves_the_model_as_it_came(monkeypatch):
         sa.edit.apply_edits(model, tok, _digit_edits(), _tiny_edit_config(group_size=1, steps=5))
     assert len(calls) == 2 and not list(sa.adapter_layers(model))  # the first group had been merged
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("fields", [dict(group_size=None, merge=True), dict(group_size=None, merge=False)])
+def test_weights_changed_counts_one_adapter_merged_or_not(fields):
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(), DigitTokenizerLM()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    edited, m = sa.edit.apply_edits(model, tok, _digit_edits(), _tiny_edit_config(steps=5, **fields))
+    assert bool(list(sa.adapter_layers(edited))) != fields["merge"]
+    if fields["merge"]:
+        assert m.weights_changed == sum(int((p != before[n]).sum()) for n, p in edited.named_parameters()) > 0
+    else:
+        assert m.weights_changed > 0

@@ -390,7 +390,7 @@ class _KL:
 
 
 class _Preservation:
-    """What the edit must leave alone, as KL terms against the unedited model (weight ``config.preserve``): the
+    """What the edit must leave alone, as KL terms against the model before this edit (weight ``config.preserve``): the
     next-token distribution at the end of neighbour prompts (:func:`neighbour_prompts`), and -- so that the edited
     model goes on after its new answer as it would have, instead of repeating it -- the unedited model's own
     ``preserve_after`` next tokens after each prompt followed by its new target; and, when edits are applied
@@ -572,7 +572,8 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
                 _adapter_edit(model, config, batch, preservation)
                 if config.merge or len(groups) > 1:  # the next group's adapters start from the edited weights
                     merge(model)
-        if config.method != "ft-l" and len(groups) == 1:
+        merged = config.merge or len(groups) > 1
+        if config.method != "ft-l" and not merged:
             changed = _weights_changed_by_adapters(model)
         else:
             changed = sum(int((w != o).sum()) for w, o in zip(weights, originals))
