@@ -214,3 +214,41 @@ def test_weights_changed_counts_one_adapter_merged_or_not(fields):
         assert m.weights_changed == sum(int((p != before[n]).sum()) for n, p in edited.named_parameters()) > 0
     else:
         assert m.weights_changed > 0
+
+
+def test_neighbours_are_held_against_the_unedited_model_in_every_group(monkeypatch):
+    """The neighbour prompts of all groups are chosen once, with the unedited model's distributions: a group holds
+    its own and, drawn afresh at every step, the other groups' -- so drift left by an earlier edit is pulled back."""
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    model, tok = tiny_llama(), DigitTokenizerLM()
+    monkeypatch.setattr(editing, "_neighbours_per_edit",
+                        lambda model, tok, edits, config, unseen, per_edit: [["1 1 1", "3 3"], ["2 2 2", "3 3"]])
+    with torch.no_grad():
+        unedited = {p: torch.log_softmax(model(torch.tensor([[int(c) for c in p.split()]])).logits[0, -1], -1)
+                    for p in ("1 1 1", "2 2 2", "3 3")}
+    held = []
+    real = editing._Preservation
+
+    def recording(model, tokenizer, edits, target_ids, config, device, held_terms=(), earlier=()):
+        held.append(list(held_terms))
+        return real(model, tokenizer, edits, target_ids, config, device, held_terms, earlier)
+
+    monkeypatch.setattr(editing, "_Preservation", recording)
+    _, m = sa.edit.apply_edits(model, tok, _digit_edits(), _tiny_edit_config(group_size=1, neighbors=1))
+    assert m.edit_exact == 1.0 and len(held) == 2
+    for k, (own, others) in enumerate(held):
+        # own: this group's prompts ("3 3", a duplicate, belongs to the first group), against the unedited model
+        mine = ["1 1 1", "3 3"] if k == 0 else ["2 2 2"]
+        assert torch.allclose(own.base, torch.stack([unedited[p] for p in mine]), atol=1e-5)
+        assert isinstance(others, editing._Sampled) and others.n == 1
+        assert sorted(others.sequences) == ([2] if k == 0 else [0, 1])
+        assert torch.isfinite(others(model))  # one of them, drawn at this call
+
+
+def test_preserve_with_nothing_to_preserve_is_refused_for_the_call():
+    e = sa.edit.Edit("1 2", "3", subject="2")
+    config = sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", preserve=1.0, neighbors=0, preserve_after=0)
+    with pytest.raises(ValueError, match="nothing to preserve"):
+        sa.edit.apply_edits(CountingLM(), DigitTokenizerLM(), [e], config)

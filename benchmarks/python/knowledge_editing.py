@@ -35,7 +35,8 @@ ABLATION = [
     ("+ early stop", dict(similar_neighbors=0.0, **_JOINT)),
     ("+ half the neighbours the titles most like the subject", _JOINT),
     ("+ KL on the unedited model's 16 tokens after the new answer", dict(group_size=None)),
-    ("+ a batch applied one edit after another, each holding the earlier (the default)", dict()),
+    ("+ a batch applied one edit after another, each holding the earlier edits and every edit's neighbours "
+     "(the default)", dict()),
     ("default, decoder layers 2-12 only", dict(layers=(2, 12))),
 ]
 
@@ -143,9 +144,10 @@ Each edit moves a known country's fact to another known country's; rephrasings a
 relation; neighbours (strict locality) are up to 20 (8 per edit in the batch) other known countries of the same
 relation, held out from the editor, which sees only the edit request and generic text. Default `EditConfig`:
 {c.steps} steps of Adam at lr {c.lr}, r={c.r} on `mlp.down_proj` of decoder layers {c.layers}, KL weight
-{c.preserve} on {c.neighbors} neighbour prompts (the edit's template filled with Wikipedia titles,
+{c.preserve} on {c.neighbors} neighbour prompts per edit (the edit's template filled with Wikipedia titles,
 {c.similar_neighbors:.0%} of them those the model represents most like the edit's subject, never one the edit is
-measured on), {c.prefixes}
+measured on; in a batch each edit also holds {c.neighbors} of the other edits', drawn per step; all against the
+unedited model), {c.prefixes}
 generic-text prefixes, early stop {c.early_stop}, KL also on the unedited model's {c.preserve_after} tokens
 after the new answer, a batch made in groups of {c.group_size} edit(s), each holding the earlier; RoseLoRA
 {c.sparsity:.0%} sparse rows of A / columns of B at the

@@ -1,6 +1,7 @@
 """apply_edits: write new facts into a causal LM with RoseLoRA (or the LoRA / FT-L baselines) and measure them."""
 
 import contextlib
+import functools
 import math
 import random
 import re
@@ -177,8 +178,10 @@ class EditConfig:
     group_size: Optional[int] = 1
     layers: Optional[Tuple[int, int]] = None  # adapt only decoder layers first..last (None: every layer)
     # The editing recipe around the method (benchmarks/python/knowledge_editing.py --ablation measures each lever):
-    preserve: float = 20.0  # weight of KL(unedited || edited) at the answer position of neighbour prompts
-    neighbors: int = 32  # neighbour prompts (in all): each edit's template filled with subjects from generic text
+    preserve: float = 20.0  # weight of the KL terms (see _Preservation)
+    # neighbour prompts per group of edits: each edit's template filled with subjects from generic text, held
+    # against the unedited model; with several groups each also holds this many of the others', drawn per step
+    neighbors: int = 32
     similar_neighbors: float = 0.5  # the share of them most like the edit's subject (the rest: random titles)
     neighbor_pool: int = 4096  # Wikipedia titles searched for the similar ones
     preserve_after: int = 16  # KL also on the unedited model's next tokens after prompt + new target (0: off)
@@ -250,12 +253,20 @@ def _edit_batch(tokenizer, edits, target_ids, device, prefixes: Sequence[str] = 
     seqs, labels = [], []
     for e, t in zip(edits, target_ids):
         for prefix in ("", *prefixes):
-            p = metrics.encode(tokenizer, prefix + e.prompt, True)
-            seqs.append(p + t)
-            labels.append([-100] * len(p) + t)
+            seq, _ = _joined(metrics.encode(tokenizer, prefix + e.prompt, True), t)
+            seqs.append(seq)
+            labels.append([-100] * (len(seq) - len(t)) + t)
     ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
     lab, _ = metrics.pad_batch(labels, -100)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
+
+
+@functools.lru_cache(maxsize=1)
+def _titles() -> Tuple[str, ...]:
+    """The titles of the shipped Wikipedia summaries that can stand as a subject (no "(disambiguation)"), sorted."""
+    from ..assets.text import wiki_summaries
+
+    return tuple(sorted({s["title"] for s in wiki_summaries() if s.get("title") and "(" not in s["title"]}))
 
 
 def generic_subjects(n: int, seed: int = 0, exclude: Sequence[str] = ()) -> List[str]:
@@ -263,10 +274,8 @@ def generic_subjects(n: int, seed: int = 0, exclude: Sequence[str] = ()) -> List
     with: what the edit must leave alone. No table of facts is consulted."""
     if n == 0:
         return []
-    from ..assets.text import wiki_summaries
-
-    titles = sorted({s["title"] for s in wiki_summaries() if s.get("title") and "(" not in s["title"]}
-                    - set(exclude))
+    excluded = set(exclude)
+    titles = [t for t in _titles() if t not in excluded]
     return random.Random(seed).sample(titles, min(n, len(titles)))
 
 
@@ -344,28 +353,37 @@ def generic_prefixes(n: int, seed: int = 0, words: int = 8) -> List[str]:
     return [" ".join(x.split()[:words]).rstrip(".,;:") + ". " for x in chosen]
 
 
-def neighbour_prompts(model, tokenizer, edits: Sequence[Edit], config: "EditConfig",
-                      unseen: Sequence[str] = ()) -> List[str]:
+def neighbour_prompts(model, tokenizer, edits: Sequence[Edit], config: "EditConfig", unseen: Sequence[str] = (),
+                      per_edit: Optional[int] = None) -> List[str]:
     """The prompts the preservation term holds in place: each edit's template filled with other subjects from
-    generic text -- the `similar_neighbors` share of ``config.neighbors`` the titles the model represents most
-    like the edit's subject (:func:`similar_subjects`), the rest drawn at random. Subjects that occur in an edit's
-    own subject or in any of the `unseen` prompts (what the edit is measured on) are never used."""
+    generic text -- the `similar_neighbors` share of them the titles the model represents most like the edit's
+    subject (:func:`similar_subjects`), the rest drawn at random -- ``per_edit`` per edit (default: the
+    ``config.neighbors`` shared among the edits). Subjects that occur in an edit's own subject or in any of the
+    `unseen` prompts (what the edit is measured on) are never used."""
+    return [p for row in _neighbours_per_edit(model, tokenizer, edits, config, unseen, per_edit) for p in row]
+
+
+def _neighbours_per_edit(model, tokenizer, edits, config, unseen=(), per_edit=None) -> List[List[str]]:
+    """:func:`neighbour_prompts` of each edit ([] for an edit with no subject)."""
     with_template = [e for e in edits if e.template]
     if not with_template or config.neighbors == 0:
-        return []
-    titles = [t for t in generic_subjects(10 ** 9, config.seed)
-              if any(t in p for p in unseen) or any(t in e.subject for e in with_template)]
-    per_edit = max(1, math.ceil(config.neighbors / len(with_template)))
+        return [[] for _ in edits]
+    titles = [t for t in _titles() if any(t in p for p in unseen) or any(t in e.subject for e in with_template)]
+    per_edit = per_edit or max(1, math.ceil(config.neighbors / len(with_template)))
     n_similar = round(per_edit * config.similar_neighbors)
     similar = similar_subjects(model, tokenizer, [e.subject for e in with_template], n_similar,
                                pool=config.neighbor_pool, seed=config.seed, exclude=titles) if n_similar else None
     taken = {s for row in similar or () for s in row}
     randoms = iter(generic_subjects(len(with_template) * (per_edit - n_similar), config.seed + 1,
                                     exclude=[*titles, *taken]))
+    similar_of = dict(zip(map(id, with_template), similar or ()))
     prompts = []
-    for i, e in enumerate(with_template):
-        subjects = [*(similar[i] if similar else ()), *(next(randoms) for _ in range(per_edit - n_similar))]
-        prompts.extend(e.template.format(subject) for subject in subjects)
+    for e in edits:
+        if not e.template:
+            prompts.append([])
+            continue
+        subjects = [*similar_of.get(id(e), ()), *(next(randoms) for _ in range(per_edit - n_similar))]
+        prompts.append([e.template.format(subject) for subject in subjects])
     return prompts
 
 
@@ -378,8 +396,9 @@ class _KL:
         self.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         self.rows = torch.tensor([i for i, cols in enumerate(positions) for _ in cols], device=device)
         self.cols = torch.tensor([c for cols in positions for c in cols], device=device)
-        with torch.no_grad():
-            self.base = self.log_probs(model)
+        self.base, n = None, len(sequences)
+        with torch.no_grad():  # in chunks: the logits of hundreds of prompts at once would take gigabytes
+            self.base = torch.cat([self.subset(range(i, min(i + 64, n))).log_probs(model) for i in range(0, n, 64)])
 
     def log_probs(self, model):
         logits = model(**self.batch, use_cache=False).logits
@@ -388,37 +407,94 @@ class _KL:
     def __call__(self, model):
         return (self.base.exp() * (self.base - self.log_probs(model))).sum(-1).mean()
 
+    def subset(self, sequences: Sequence[int]) -> "_KL":
+        """The same term (same reference distributions) on some of its sequences only."""
+        new = object.__new__(type(self))
+        keep = torch.tensor(list(sequences), dtype=torch.long, device=self.rows.device)
+        new.batch = {k: v[keep] for k, v in self.batch.items()}
+        renumber = torch.full((len(self.batch["input_ids"]),), -1, dtype=torch.long, device=keep.device)
+        renumber[keep] = torch.arange(len(keep), device=keep.device)
+        picked = renumber[self.rows] >= 0
+        new.rows, new.cols = renumber[self.rows][picked], self.cols[picked]
+        new.base = None if self.base is None else self.base[picked]
+        return new
+
+
+class _Sampled:
+    """A KL term on ``n`` of a term's sequences drawn afresh at every call (seeded)."""
+
+    def __init__(self, term: _KL, sequences: Sequence[int], n: int, seed: int):
+        self.term, self.sequences, self.n = term, list(sequences), n
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model):
+        chosen = torch.randperm(len(self.sequences), generator=self.generator)[:self.n]
+        return self.term.subset([self.sequences[int(i)] for i in chosen])(model)
+
+
+class _Neighbours:
+    """Every group's neighbour prompts (:func:`neighbour_prompts`, ``config.neighbors`` per group), chosen once per
+    call, with the *unedited* model's next-token distributions at their ends. A group holds its own neighbours and,
+    when there are several groups, ``config.neighbors`` of the other groups' drawn afresh at every step: so the
+    drift each edit leaves on the relation does not compound over the later ones, but is pulled back."""
+
+    def __init__(self, model, tokenizer, edits, groups, config, device, unseen):
+        per_edit = max(1, math.ceil(config.neighbors / len(groups[0])))
+        rows = _neighbours_per_edit(model, tokenizer, edits, config, unseen, per_edit)
+        group_of = {i: k for k, g in enumerate(groups) for i in g}
+        seen, prompts, self.group = set(), [], []
+        for i, row in enumerate(rows):
+            for p in row:
+                if p not in seen:
+                    seen.add(p)
+                    prompts.append(p)
+                    self.group.append(group_of[i])
+        self.config, self.kl = config, None
+        if prompts:
+            seqs = [metrics.encode(tokenizer, p, True) for p in prompts]
+            self.kl = _KL(model, seqs, [[len(q) - 1] for q in seqs], tokenizer.pad_token_id or 0, device)
+
+    def terms(self, k: int) -> list:
+        """The KL terms of group k: its own neighbours, and a fresh sample of the others' at each step."""
+        if self.kl is None:
+            return []
+        own = [i for i, g in enumerate(self.group) if g == k]
+        others = [i for i, g in enumerate(self.group) if g != k]
+        terms = [self.kl.subset(own)] if own else []
+        if others and self.config.neighbors:
+            terms.append(_Sampled(self.kl, others, self.config.neighbors, self.config.seed + k))
+        return terms
+
+
+def _joined(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """prompt + answer token ids, and the positions whose next-token prediction is an answer token."""
+    return [*prompt_ids, *answer_ids], list(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer_ids)))
+
 
 class _Preservation:
-    """What the edit must leave alone, as KL terms against the model before this edit (weight ``config.preserve``): the
-    next-token distribution at the end of neighbour prompts (:func:`neighbour_prompts`), and -- so that the edited
-    model goes on after its new answer as it would have, instead of repeating it -- the unedited model's own
-    ``preserve_after`` next tokens after each prompt followed by its new target; and, when edits are applied
-    in groups (``config.group_size``), the distributions of the ``earlier`` groups' (edit, target ids) at their
-    targets, so that a later edit does not undo an earlier one."""
+    """What the edit must leave alone, as KL terms (weight ``config.preserve``): the ``held`` terms (the neighbour
+    prompts, :class:`_Neighbours`, against the unedited model); -- so that the edited model goes on after its new
+    answer as it would have, instead of repeating it -- the model's own ``preserve_after`` next tokens after each
+    prompt followed by its new target; and, when edits are applied in groups (``config.group_size``), the
+    distributions of the ``earlier`` groups' (edit, target ids) at their targets, so that a later edit does not
+    undo an earlier one (these two against the model before this group)."""
 
-    def __init__(self, model, tokenizer, edits, target_ids, config, device, unseen: Sequence[str] = (),
+    def __init__(self, model, tokenizer, edits, target_ids, config, device, held: Sequence = (),
                  earlier: Sequence[Tuple[Edit, List[int]]] = ()):
         self.terms, self.weight = [], config.preserve
         if config.preserve == 0:
             return
+        self.terms.extend(held)
         pad = tokenizer.pad_token_id or 0
-        prompts = neighbour_prompts(model, tokenizer, edits, config, unseen)
-        if prompts:
-            seqs = [metrics.encode(tokenizer, p, True) for p in prompts]
-            self.terms.append(_KL(model, seqs, [[len(q) - 1] for q in seqs], pad, device))
         if config.preserve_after:
             stems = [metrics.encode(tokenizer, e.prompt, True) + t for e, t in zip(edits, target_ids)]
             after = metrics.continue_ids(model, tokenizer, stems, config.preserve_after)
-            seqs = [s + a for s, a in zip(stems, after) if a]
-            cols = [list(range(len(s) - 1, len(s) - 1 + len(a))) for s, a in zip(stems, after) if a]
-            if seqs:
-                self.terms.append(_KL(model, seqs, cols, pad, device))
+            pairs = [_joined(s, a) for s, a in zip(stems, after) if a]
+            if pairs:
+                self.terms.append(_KL(model, *map(list, zip(*pairs)), pad, device))
         if earlier:
-            prompts = [metrics.encode(tokenizer, e.prompt, True) for e, _ in earlier]
-            seqs = [p + t for p, (_, t) in zip(prompts, earlier)]
-            cols = [list(range(len(p) - 1, len(p) - 1 + len(t))) for p, (_, t) in zip(prompts, earlier)]
-            self.terms.append(_KL(model, seqs, cols, pad, device))
+            pairs = [_joined(metrics.encode(tokenizer, e.prompt, True), t) for e, t in earlier]
+            self.terms.append(_KL(model, *map(list, zip(*pairs)), pad, device))
 
     def loss(self, model):
         if not self.terms:
@@ -496,8 +572,9 @@ def _weights_restored_on_failure(weights: Sequence[torch.Tensor], originals: Seq
         raise
 
 
-def _ft_l_edit(model, config, batch, preservation) -> Tuple[torch.Tensor, torch.Tensor]:
-    """FT-L (ROME's baseline): fine-tune one MLP weight directly, each entry kept within ±ft_max_change."""
+def _ft_l_edit(model, config, batch, preservation) -> None:
+    """FT-L (ROME's baseline): fine-tune one MLP weight directly, each entry kept within ±ft_max_change (a failure
+    is undone by the caller)."""
     for p in model.parameters():
         p.requires_grad_(False)
     weight = model.get_submodule(config.ft_module).weight
@@ -508,14 +585,8 @@ def _ft_l_edit(model, config, batch, preservation) -> Tuple[torch.Tensor, torch.
         with torch.no_grad():
             weight.copy_(original + (weight - original).clamp_(-config.ft_max_change, config.ft_max_change))
 
-    try:
-        _train(model, [weight], batch, config, preservation, constrain, "ft-l edit")
-    except BaseException:
-        with torch.no_grad():
-            weight.copy_(original)  # a failed edit leaves the weight as it was
-        raise
+    _train(model, [weight], batch, config, preservation, constrain, "ft-l edit")
     weight.requires_grad_(False)
-    return weight, original
 
 
 def _weights_changed_by_adapters(model) -> int:
@@ -552,6 +623,10 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     prefixes = generic_prefixes(config.prefixes, config.seed)
     group = config.group_size or len(edits)
     groups = [list(range(i, min(i + group, len(edits)))) for i in range(0, len(edits), group)]
+    if config.preserve > 0 and config.neighbors == 0 and config.preserve_after == 0 and len(groups) == 1:
+        raise ValueError("preserve > 0 but this call has nothing to preserve: with neighbors=0, preserve_after=0 and "
+                         "one group of edits there are no neighbour prompts, answers' continuations or earlier "
+                         "edits; set preserve=0 or neighbors / preserve_after > 0")
     t0 = time.perf_counter()
     # What the edits are measured on (their neighbours, the locality prompts) and every edit's subject are never
     # among the preserved prompts.
@@ -560,12 +635,14 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     weights = [model.get_submodule(n).weight for n in names]
     originals = [w.detach().clone() for w in weights]
     # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
+    neighbours = _Neighbours(model, tokenizer, edits, groups, config, device, unseen) if config.preserve else None
     with restored_on_failure(model), _weights_restored_on_failure(weights, originals):
         for k, g in enumerate(groups):
             sub, ids = [edits[i] for i in g], [target_ids[i] for i in g]
             batch = _edit_batch(tokenizer, sub, ids, device, prefixes)
             earlier = [(edits[i], target_ids[i]) for h in groups[:k] for i in h]
-            preservation = _Preservation(model, tokenizer, sub, ids, config, device, unseen, earlier)
+            held = neighbours.terms(k) if neighbours else []
+            preservation = _Preservation(model, tokenizer, sub, ids, config, device, held, earlier)
             if config.method == "ft-l":
                 _ft_l_edit(model, config, batch, preservation)
             else:
