@@ -445,17 +445,19 @@ def _bind_or_undo(peft_model: "peft.PeftModel", adapter_name: str, fresh: bool, 
 
 def get_peft_model(model: nn.Module, lora_config: peft.LoraConfig, method: Optional[str] = None,
                    adapter_name: str = "default", calibration_batches=None, loss_fn=None,
-                   **options: Any) -> "peft.PeftModel":
+                   autocast_adapter_dtype: bool = True, **options: Any) -> "peft.PeftModel":
     """``peft.get_peft_model(model, lora_config)`` whose LoRA layers run `method` (default ``lors``).
 
     `options` are the method's own config fields: ``exact_grad=True`` (lors), ``sparsity``, ``beta``, ``t_init``,
     ``t_final``, ``clip`` (roselora). `calibration_batches` (with an optional ``loss_fn(model, batch)``) run
     LoRS's gradient-SVD init (``sa.gradient_svd_init_``) on the new adapters; without them A starts as PEFT's
-    ``init_lora_weights`` says and B at zero. Everything is checked before the model changes, and a failure
-    after that (a layer the method cannot take, the calibration pass) puts the model back as it came.
+    ``init_lora_weights`` says and B at zero. ``autocast_adapter_dtype`` is PEFT's: True keeps the adapters of a
+    float16 / bfloat16 model in float32. Everything is checked before the model changes, and a failure after that
+    (a layer the method cannot take, the calibration pass) puts the model back as it came.
     """
     config = _as_config(lora_config, method, options)
-    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name,
+                                     autocast_adapter_dtype=autocast_adapter_dtype)
     init = None if calibration_batches is None else lambda: gradient_svd_init_(peft_model, calibration_batches,
                                                                                 loss_fn)
     return _bind_or_undo(peft_model, adapter_name, fresh=True, then=init)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import adapter_sites, find_targets
+from .adapters.model import matches_targets
 
 FORMAT = "sparse-24-bitmask"
 PARTS = ("compressed", "bitmask", "shape")
@@ -49,7 +50,7 @@ def violations_2_4(weight: Tensor) -> int:
 
 def _targets(model: nn.Module, ignore: Sequence[str]) -> List[str]:
     """The linears to compress: inject's 'all-linear' (every nn.Linear but the output embedding) less `ignore`."""
-    return [n for n in find_targets(model, "all-linear") if not any(n == i or n.endswith("." + i) for i in ignore)]
+    return [n for n in find_targets(model, "all-linear") if not matches_targets(n, list(ignore))]
 
 
 def save_sparse24(model: nn.Module, directory: Union[str, os.PathLike], tokenizer=None,

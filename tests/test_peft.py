@@ -421,3 +421,16 @@ def test_bf16_base_with_fp32_adapters(method):
     assert seen == [torch.bfloat16]
     grad = pm32.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight.grad
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
+def test_adapters_in_the_base_dtype_without_autocast_adapter_dtype():
+    """PEFT's autocast_adapter_dtype=False leaves the adapters of a bf16 model in bf16; the method runs in bf16."""
+    pm = sap.get_peft_model(pruned_llama().to(torch.bfloat16), lora_config(), method="lors",
+                            autocast_adapter_dtype=False)
+    layer = pm.base_model.model.model.layers[0].mlp.down_proj
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    randomize_adapters_(pm)
+    x = ids()
+    loss = pm(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and layer.lora_B["default"].weight.grad.dtype == torch.bfloat16

@@ -72,11 +72,13 @@ class SparseLoraLinear(nn.Module):
         return self.record.delta_weight(self)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight; for the sparsity-preserving methods the zeros stay exactly."""
+    def merge(self, check: bool = True) -> None:
+        """Fold the adapter into the base weight; for the sparsity-preserving methods the zeros stay exactly.
+        ``check=False`` skips the method's merge check, for a caller that has already run it."""
         if self.merged:
             raise RuntimeError("adapter is already merged")
-        self.record.check_merge(self)
+        if check:
+            self.record.check_merge(self)
         self.record.fold(self, +1)
         self.merged = True
 

@@ -23,7 +23,9 @@ def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
-def _matches(name: str, target_modules) -> bool:
+def matches_targets(name: str, target_modules) -> bool:
+    """Does the qualified module name match target_modules: a regex (whole name) or a list of names, each equal to
+    it or a dotted suffix of it."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
@@ -49,7 +51,7 @@ def find_targets(model: nn.Module, target_modules) -> List[str]:
     if target_modules == "all-linear":
         head = _output_embedding(model)
         return [n for n, m in linears if m is not head and n not in unwrappable]
-    names = [n for n, _ in linears if _matches(n, target_modules)]
+    names = [n for n, _ in linears if matches_targets(n, target_modules)]
     refused = [n for n in names if n in unwrappable]
     if refused:
         raise ValueError(f"cannot adapt {refused[:3]}: {unwrappable[refused[0]]}")
@@ -123,12 +125,12 @@ def adapter_config(model: nn.Module) -> SparseLoraConfig:
     return layers[0][1].config
 
 
-def _untie(model: nn.Module, layer: SparseLoraLinear) -> None:
+def _untie(model: nn.Module, layer: SparseLoraLinear, owners: Dict[int, set]) -> None:
     """Give the layer's base weight its own storage if another module shares it (a tied lm_head shares the input
-    embedding), so that merging the adapter changes this layer only: merged == adapted."""
+    embedding), so that merging the adapter changes this layer only: merged == adapted. ``owners``: the ids of
+    the modules holding each parameter, by the parameter's id."""
     weight = layer.base_layer.weight
-    owners = {id(m) for m in model.modules() for p in m.parameters(recurse=False) if p is weight}
-    if owners - {id(layer.base_layer)}:
+    if owners.get(id(weight), set()) - {id(layer.base_layer)}:
         layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         config = getattr(model, "config", None)
         if getattr(config, "tie_word_embeddings", False):
@@ -148,9 +150,13 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     pending = [layer for _, layer in layers if not layer.merged]
     for layer in pending:
         layer.record.check_merge(layer)
+    owners: Dict[int, set] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
     for layer in pending:
-        _untie(model, layer)
-        layer.merge()
+        _untie(model, layer, owners)
+        layer.merge(check=False)  # checked above
     if unload:
         for name, layer in layers:
             _set_submodule(model, name, layer.base_layer)
