@@ -3,8 +3,10 @@ GPU, many cores, torch with CUDA installed, no network, this repository copied i
 
 Steps (each with its own time limit; a failure is recorded and the next step still runs):
   1. build   the extension for the present GPU's arch only, with every core, and in parallel the C++ tests and
-             benchmarks (CMake, CUDA on)
-  2. tests   every CUDA test (pytest -m cuda) of the op-level suites
+             benchmarks (CMake, CUDA on); then --smoke: an error message with an integer in it must raise, not crash
+             (an extension built by a compiler whose libstdc++ is not the one the process loads -- the GPU machines'
+             /opt/gcc, 2026-11-27 -- segfaulted there); if it crashes, the extension is rebuilt with /usr/bin/g++
+  2. tests   every CUDA test (pytest -m cuda) of the op-level suites, and every case of the error tests
   3. sanitizer  compute-sanitizer memcheck and racecheck over the C++ op tests on CUDA (when the tool exists)
   4. layer   the C++ layer benchmark on CUDA in bf16 at Llama-3-8B shapes, 2048 tokens, r = 16 and 64, every
              method; merge bandwidth against a copy of the same bytes
@@ -82,17 +84,25 @@ def plan(out, arch, jobs):
     cpp_tests = f"{cpp}/sparse_adapt_cpp_tests --device cuda"
     sanitizer_cmds = ([f"{san} --tool memcheck --error-exitcode 1 {cpp_tests}",
                        f"{san} --tool racecheck --error-exitcode 1 {cpp_tests}"] if san else [])
+    build_ext = f"{build_env} MAX_JOBS={max(1, jobs // 2)} {PY} setup.py -q build_ext --inplace"
+    smoke = f"{PY} {Path(__file__).resolve()} --smoke"
+    system_cxx = "CC=/usr/bin/gcc CXX=/usr/bin/g++"
     return [
         Step("build", f"the extension for sm_{arch.replace('.', '')} only, and the CMake C++ side, side by side "
-             f"({jobs} jobs)",
-             [f"({build_env} MAX_JOBS={max(1, jobs // 2)} {PY} setup.py -q build_ext --inplace) & a=$!; "
+             f"({jobs} jobs); the error path's smoke test",
+             ['cxx=${CXX:-c++}; echo "C++ compiler: $cxx: $($cxx --version | head -n 1); libstdc++ it links: '
+              '$($cxx -print-file-name=libstdc++.so)"',
+              f"({build_ext}) & a=$!; "
               f"({build_env} SPARSE_ADAPT_CPP_CUDA=1 CPP_TESTS=0 MAX_JOBS={max(1, jobs // 2)} PYTHON={PY} "
               f"CMAKE_EXTRA=-DSPARSE_ADAPT_SANITIZED_TESTS=OFF scripts/cmake-build.sh {cpp}) & b=$!; "
               f"wait $a; ra=$?; wait $b; rb=$?; exit $((ra || rb))",
+              f"{smoke} || {{ echo 'smoke test failed: rebuilding the extension with /usr/bin/g++'; "
+              f"test -x /usr/bin/g++ && {system_cxx} {build_ext} --force && {smoke}; }}",
               f"{PY} -c 'import sparse_adapt as sa; assert sa.has_cuda_kernels(), \"no CUDA kernels\"'"],
              timeout=300),
-        Step("tests", "every CUDA test of the op suites",
-             [f"{PY} -m pytest -q -m cuda {xdist_workers()}-p no:cacheprovider " + " ".join(OP_TESTS)], timeout=200,
+        Step("tests", "every CUDA test of the op suites; every error test",
+             [f"{PY} -m pytest -q -m cuda {xdist_workers()}-p no:cacheprovider " + " ".join(OP_TESTS),
+              f"{PY} -m pytest -q -p no:cacheprovider tests/test_errors.py"], timeout=200,
              dry_commands=[f"{PY} -m pytest -q -m cuda --collect-only -p no:cacheprovider " + " ".join(OP_TESTS)]),
         Step("sanitizer", "compute-sanitizer memcheck + racecheck over the C++ op tests on CUDA"
              + ("" if san else " -- compute-sanitizer not found on this machine"), sanitizer_cmds, timeout=120),
@@ -106,6 +116,22 @@ def plan(out, arch, jobs):
              [f"{PY} benchmarks/cuda_static.py --out {out}"], timeout=60,
              dry_commands=[f"{PY} benchmarks/cuda_static.py --out {out}"]),
     ]
+
+
+def smoke_test():
+    """An op's error message with integers in it (k's range) must raise ValueError. Formatting an integer into a
+    message is where an extension linked against another libstdc++ than the process's crashes (seen: segfault)."""
+    import torch
+
+    import sparse_adapt as sa
+
+    try:
+        sa.ema_topk_(torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3), 0.5, 7, 1)
+    except ValueError as e:
+        assert "k must be in [0, 3]" in str(e), e
+        print("smoke test: the error path formats integers")
+        return 0
+    raise SystemExit("smoke test: k=7 > 3 was not refused")
 
 
 def run_step(step, commands, env, log, deadline):
@@ -199,7 +225,10 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results" / "gpu-check"))
     p.add_argument("--dry-run", action="store_true", help="print the plan; run only what a CPU can")
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all the steps together")
+    p.add_argument("--smoke", action="store_true", help="only the built extension's error-path smoke test")
     args = p.parse_args(argv)
+    if args.smoke:
+        return smoke_test()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     info = gpu_info()
