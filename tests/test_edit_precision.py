@@ -126,6 +126,10 @@ def test_recipe_config_validation():
         sa.edit.EditConfig(preserve_after=-1)
     with pytest.raises(ValueError, match="layers"):
         sa.edit.EditConfig(layers=(5, 2))
+    with pytest.raises(ValueError, match="extra_steps must be >= 0"):
+        sa.edit.EditConfig(extra_steps=-1)
+    with pytest.raises(ValueError, match="extra_steps needs early_stop"):
+        sa.edit.EditConfig(extra_steps=5, early_stop=False)
 
 
 @pytest.mark.parametrize("relation", sorted(sa.edit.RELATIONS))
@@ -252,3 +256,33 @@ def test_preserve_with_nothing_to_preserve_is_refused_for_the_call():
     config = sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", preserve=1.0, neighbors=0, preserve_after=0)
     with pytest.raises(ValueError, match="nothing to preserve"):
         sa.edit.apply_edits(CountingLM(), DigitTokenizerLM(), [e], config)
+
+
+def test_extra_steps_go_on_only_until_the_edit_holds(monkeypatch):
+    """An edit that has not held after `steps` trains on, up to `extra_steps` more; one that holds stops."""
+
+    class ConfidentCountingLM(CountingLM):  # last + 1 at probability 0.9996, whatever p is
+        def forward(self, input_ids, attention_mask=None, use_cache=False, labels=None):
+            out = super().forward(input_ids, attention_mask, use_cache, labels)
+            out.logits = out.logits * 10
+            return out
+
+    runs = []
+    real_bar = editing.progress_bar
+
+    def counting_bar(iterable, desc):
+        runs.append(0)
+        for x in real_bar(iterable, desc):
+            runs[-1] += 1
+            yield x
+
+    monkeypatch.setattr(editing, "progress_bar", counting_bar)
+
+    def steps_run(target, extra):
+        config = sa.edit.EditConfig(method="ft-l", steps=3, extra_steps=extra, ft_module="p", generation_tokens=2,
+                                    preserve=0.0, neighbors=0, prefixes=0)
+        sa.edit.apply_edits(ConfidentCountingLM(), DigitTokenizerLM(), [sa.edit.Edit("1 2", target)], config)
+        return runs[-1]
+
+    assert steps_run("5", 0) == 3 and steps_run("5", 4) == 7  # never holds: the whole budget
+    assert steps_run("3", 4) == 1  # the model's own answer holds at the first check

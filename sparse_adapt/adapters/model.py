@@ -3,7 +3,7 @@
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -96,15 +96,17 @@ def inject(model: nn.Module, config: SparseLoraConfig, calibration_batches=None,
 
 
 @contextlib.contextmanager
-def restored_on_failure(model: nn.Module):
+def restored_on_failure(model: nn.Module, values: Sequence[torch.Tensor] = ()):
     """If the block raises, put back what inject (and load_adapter) changes -- every module it replaced, every
-    parameter's requires_grad and .grad, every buffer's value -- and re-raise: a failed inject leaves the model as
-    it was."""
+    parameter's requires_grad and .grad, every buffer's value -- and the values of ``values`` (tensors the block
+    may change in place, e.g. weights that a merge writes), and re-raise: a failed call leaves the model as it was.
+    Yields the copies of ``values`` taken on entry."""
     modules = dict(model.named_modules())
     requires_grad = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a calibration forward may update some
+    kept = [(t, t.detach().clone()) for t in values]
     try:
-        yield
+        yield [copy for _, copy in kept]
     except BaseException:
         with torch.no_grad():
             for name, layer in list(adapter_layers(model)):
@@ -113,8 +115,8 @@ def restored_on_failure(model: nn.Module):
             for p, flag, grad in requires_grad:
                 p.requires_grad_(flag)
                 p.grad = grad
-            for b, value in buffers:
-                b.copy_(value)
+            for t, value in (*buffers, *kept):
+                t.copy_(value)
         raise
 
 

@@ -1,6 +1,5 @@
 """apply_edits: write new facts into a causal LM with RoseLoRA (or the LoRA / FT-L baselines) and measure them."""
 
-import contextlib
 import functools
 import math
 import random
@@ -187,6 +186,9 @@ class EditConfig:
     preserve_after: int = 16  # KL also on the unedited model's next tokens after prompt + new target (0: off)
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
     early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
+    # with early_stop: an edit that has not held after `steps` trains up to this many steps more (RoseLoRA at its
+    # final sparsity; the schedule still ends at 0.6 * steps)
+    extra_steps: int = 0
     generation_tokens: int = 32  # for fluency
     locality_tokens: int = 3
     seed: int = 0
@@ -196,20 +198,27 @@ class EditConfig:
             raise ValueError(f"method must be one of {EDIT_METHODS}, got {self.method!r}")
         if self.steps < 1 or not self.lr > 0:
             raise ValueError("steps must be >= 1 and lr > 0")
-        if self.preserve < 0 or self.neighbors < 0 or self.prefixes < 0 or self.preserve_after < 0:
-            raise ValueError("preserve, neighbors, prefixes and preserve_after must be >= 0")
+        if min(self.preserve, self.neighbors, self.prefixes, self.preserve_after, self.extra_steps) < 0:
+            raise ValueError("preserve, neighbors, prefixes, preserve_after and extra_steps must be >= 0")
+        if self.extra_steps and not self.early_stop:
+            raise ValueError("extra_steps needs early_stop: they are spent only on an edit that has not held")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1 or None (all edits together), got {self.group_size!r}")
         if not 0 <= self.similar_neighbors <= 1 or self.neighbor_pool < 1:
             raise ValueError(f"similar_neighbors must be in [0, 1] and neighbor_pool >= 1, got "
                              f"{self.similar_neighbors!r} and {self.neighbor_pool!r}")
-        if self.preserve > 0 and self.neighbors == 0 and self.preserve_after == 0 and self.group_size is None:
+        if self.preserves_nothing(one_group=self.group_size is None):
             raise ValueError("preserve > 0 needs something to preserve: neighbors > 0, preserve_after > 0 or "
                              "group_size (earlier edits)")
         if self.layers is not None:
             first, last = self.layers
             if not 0 <= first <= last:
                 raise ValueError(f"layers must be (first, last) with 0 <= first <= last, got {self.layers!r}")
+
+    def preserves_nothing(self, one_group: bool) -> bool:
+        """preserve > 0 with nothing to preserve: no neighbour prompts, no tokens after the answers and, in one
+        group of edits, no earlier edits to hold."""
+        return self.preserve > 0 and self.neighbors == 0 and self.preserve_after == 0 and one_group
 
 
 @dataclass
@@ -505,12 +514,13 @@ class _Preservation:
 def _train(model, params, batch, config, preservation=None, after_step=None, desc="editing", may_stop=None):
     """Adam on the edit's loss (plus the preservation term); with early_stop, stop once every target token has
     probability >= 0.9 -- but not before `may_stop()` says so (RoseLoRA: once its pruning reached the target
-    sparsity, so that an early stop never leaves a denser update)."""
+    sparsity, so that an early stop never leaves a denser update) -- and go on for up to `extra_steps` more while
+    it has not."""
     opt = torch.optim.Adam(params, lr=config.lr)
     model.train()
     targets = batch["labels"][:, 1:]
     scored = targets != -100
-    for _ in progress_bar(range(config.steps), desc):
+    for _ in progress_bar(range(config.steps + config.extra_steps), desc):
         opt.zero_grad()
         out = model(**batch, use_cache=False)
         if config.early_stop and (may_stop is None or may_stop()):
@@ -557,19 +567,6 @@ def _adapter_edit(model, config, batch, preservation) -> None:
     may_stop = (lambda: pruner.step_count >= pruner.t_final) if pruner else None
     _train(model, params, batch, config, preservation, pruner.step if pruner else None, f"{config.method} edit",
            may_stop)
-
-
-@contextlib.contextmanager
-def _weights_restored_on_failure(weights: Sequence[torch.Tensor], originals: Sequence[torch.Tensor]):
-    """If the block raises, copy each weight's original values back (edits merged before the failure) and
-    re-raise."""
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for w, o in zip(weights, originals):
-                w.copy_(o)
-        raise
 
 
 def _ft_l_edit(model, config, batch, preservation) -> None:
@@ -623,7 +620,7 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     prefixes = generic_prefixes(config.prefixes, config.seed)
     group = config.group_size or len(edits)
     groups = [list(range(i, min(i + group, len(edits)))) for i in range(0, len(edits), group)]
-    if config.preserve > 0 and config.neighbors == 0 and config.preserve_after == 0 and len(groups) == 1:
+    if config.preserves_nothing(one_group=len(groups) == 1):
         raise ValueError("preserve > 0 but this call has nothing to preserve: with neighbors=0, preserve_after=0 and "
                          "one group of edits there are no neighbour prompts, answers' continuations or earlier "
                          "edits; set preserve=0 or neighbors / preserve_after > 0")
@@ -633,10 +630,10 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     unseen = [*locality_prompts, *(p for e in edits for p, _ in e.neighbors), *(e.subject for e in edits if e.subject)]
     names = [config.ft_module] if config.method == "ft-l" else _adapted_modules(model, config)
     weights = [model.get_submodule(n).weight for n in names]
-    originals = [w.detach().clone() for w in weights]
-    # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
+    merged = config.method != "ft-l" and (config.merge or len(groups) > 1)  # adapters folded in after each group
     neighbours = _Neighbours(model, tokenizer, edits, groups, config, device, unseen) if config.preserve else None
-    with restored_on_failure(model), _weights_restored_on_failure(weights, originals):
+    # A failure while editing (a bad loss, an interrupt) leaves the model as it came: no adapters, flags, weights.
+    with restored_on_failure(model, values=weights) as originals:
         for k, g in enumerate(groups):
             sub, ids = [edits[i] for i in g], [target_ids[i] for i in g]
             batch = _edit_batch(tokenizer, sub, ids, device, prefixes)
@@ -647,9 +644,8 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
                 _ft_l_edit(model, config, batch, preservation)
             else:
                 _adapter_edit(model, config, batch, preservation)
-                if config.merge or len(groups) > 1:  # the next group's adapters start from the edited weights
+                if merged:  # the next group's adapters start from the edited weights
                     merge(model)
-        merged = config.merge or len(groups) > 1
         if config.method != "ft-l" and not merged:
             changed = _weights_changed_by_adapters(model)
         else:
