@@ -110,8 +110,8 @@ def _edit(args) -> int:
     if args.save_adapter and len(edits) > 1 and not args.together:
         raise SystemExit(f"--save-adapter saves one adapter, but the {len(edits)} edits of {args.edits} are made one "
                          f"after another, each merged before the next; add --together to train them as one adapter")
-    config = EditConfig(method=args.method, steps=args.steps, merge=args.merge and not args.save_adapter,
-                        group_size=None if args.together else 1)
+    config = EditConfig(method=args.method, steps=args.steps, extra_steps=args.extra_steps,
+                        merge=args.merge and not args.save_adapter, group_size=None if args.together else 1)
     model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
     text = results_table([m]) + "\n\n" + "\n".join(
         f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
@@ -131,14 +131,23 @@ def _edit(args) -> int:
 # ---------------------------------------------------------------------------------------- argument checking
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
@@ -216,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not write the merged model as a compressed-tensors 2:4 checkpoint (OUT/merged-2of4)")
     demo.set_defaults(run=_demo)
 
-    from .edit.editing import EDIT_METHODS
+    from .edit.editing import EDIT_METHODS, EditConfig
 
     ed = sub.add_parser("edit", help="edit facts of SmolLM2-135M with RoseLoRA (or LoRA / FT-L) and measure them",
                         description="Apply the edits of a JSONL file and report edit success, "
@@ -226,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "EasyEdit's JSON list (prompt, subject, target_new, rephrase_prompt, locality_prompt/"
                          "locality_ground_truth, portability)")
     ed.add_argument("--method", default="roselora", choices=EDIT_METHODS)
-    ed.add_argument("--steps", type=_positive_int, default=40)
+    ed.add_argument("--steps", type=_positive_int, default=EditConfig.steps)
+    ed.add_argument("--extra-steps", type=_non_negative_int, default=EditConfig.extra_steps,
+                    help="an edit that has not held after --steps trains up to this many more (default: %(default)s)")
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
     ed.add_argument("--together", action="store_true",
                     help="train all edits as one batch into one adapter (default: one edit after another, each "

@@ -39,6 +39,24 @@ def test_demo_sparsity_takes_fractions_and_n_m():
     assert parse(["demo"]).sparsity == "2:4"
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--steps", "0"], "--steps: expected a positive integer"),
+    (["--extra-steps", "-1"], "--extra-steps: expected an integer >= 0"),
+    (["--extra-steps", "2.5"], "--extra-steps: expected an integer >= 0, got '2.5'"),
+])
+def test_edit_refuses_bad_values_at_parse_time(args, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["edit", "--edits", "e.jsonl", *args])
+    assert exit_.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_edit_steps_default_to_the_config(monkeypatch):
+    args = cli.build_parser().parse_args(["edit", "--edits", "e.jsonl"])
+    assert (args.steps, args.extra_steps) == (sa.edit.EditConfig.steps, sa.edit.EditConfig.extra_steps)
+    assert cli.build_parser().parse_args(["edit", "--edits", "e.jsonl", "--extra-steps", "0"]).extra_steps == 0
+
+
 def test_an_unusable_out_fails_before_the_run(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -128,8 +128,6 @@ def test_recipe_config_validation():
         sa.edit.EditConfig(layers=(5, 2))
     with pytest.raises(ValueError, match="extra_steps must be >= 0"):
         sa.edit.EditConfig(extra_steps=-1)
-    with pytest.raises(ValueError, match="extra_steps needs early_stop"):
-        sa.edit.EditConfig(extra_steps=5, early_stop=False)
 
 
 @pytest.mark.parametrize("relation", sorted(sa.edit.RELATIONS))
@@ -278,11 +276,12 @@ def test_extra_steps_go_on_only_until_the_edit_holds(monkeypatch):
 
     monkeypatch.setattr(editing, "progress_bar", counting_bar)
 
-    def steps_run(target, extra):
-        config = sa.edit.EditConfig(method="ft-l", steps=3, extra_steps=extra, ft_module="p", generation_tokens=2,
-                                    preserve=0.0, neighbors=0, prefixes=0)
+    def steps_run(target, extra, early_stop=True):
+        config = sa.edit.EditConfig(method="ft-l", steps=3, extra_steps=extra, early_stop=early_stop, ft_module="p",
+                                    generation_tokens=2, preserve=0.0, neighbors=0, prefixes=0)
         sa.edit.apply_edits(ConfidentCountingLM(), DigitTokenizerLM(), [sa.edit.Edit("1 2", target)], config)
         return runs[-1]
 
     assert steps_run("5", 0) == 3 and steps_run("5", 4) == 7  # never holds: the whole budget
+    assert steps_run("5", 4, early_stop=False) == 3  # without early stop: exactly `steps`
     assert steps_run("3", 4) == 1  # the model's own answer holds at the first check

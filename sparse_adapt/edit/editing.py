@@ -187,8 +187,8 @@ class EditConfig:
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
     early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
     # with early_stop: an edit that has not held after `steps` trains up to this many steps more (RoseLoRA at its
-    # final sparsity; the schedule still ends at 0.6 * steps)
-    extra_steps: int = 0
+    # final sparsity; the schedule still ends at 0.6 * steps). Without early_stop every edit trains `steps`.
+    extra_steps: int = 20
     generation_tokens: int = 32  # for fluency
     locality_tokens: int = 3
     seed: int = 0
@@ -200,8 +200,6 @@ class EditConfig:
             raise ValueError("steps must be >= 1 and lr > 0")
         if min(self.preserve, self.neighbors, self.prefixes, self.preserve_after, self.extra_steps) < 0:
             raise ValueError("preserve, neighbors, prefixes, preserve_after and extra_steps must be >= 0")
-        if self.extra_steps and not self.early_stop:
-            raise ValueError("extra_steps needs early_stop: they are spent only on an edit that has not held")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1 or None (all edits together), got {self.group_size!r}")
         if not 0 <= self.similar_neighbors <= 1 or self.neighbor_pool < 1:
@@ -520,7 +518,7 @@ def _train(model, params, batch, config, preservation=None, after_step=None, des
     model.train()
     targets = batch["labels"][:, 1:]
     scored = targets != -100
-    for _ in progress_bar(range(config.steps + config.extra_steps), desc):
+    for _ in progress_bar(range(config.steps + (config.extra_steps if config.early_stop else 0)), desc):
         opt.zero_grad()
         out = model(**batch, use_cache=False)
         if config.early_stop and (may_stop is None or may_stop()):
