@@ -108,6 +108,20 @@ def test_roselora_edit_of_a_real_model(smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("relation", ["capital", "continent", "language"])
+def test_rephrasings_retrieve_the_fact_before_any_edit(smollm2, relation):
+    """A rephrasing measures generalization only if the unedited model answers through it: each must give the
+    whole true answer for at least half the facts the model knows by the relation's prompt (measured: 0.51-0.96;
+    the replaced "The language spoken in X is" gave 0.00)."""
+    model, tokenizer = smollm2
+    known = sa.edit.known_facts(model, tokenizer, sa.edit.relation_facts(relation), relation)
+    answers = [sa.edit.metrics.encode(tokenizer, " " + fact, False) for _, fact in known]
+    for rephrasing in sa.edit.RELATIONS[relation].rephrasings:
+        matches = sa.edit.metrics.token_matches(model, tokenizer, [rephrasing.format(c) for c, _ in known], answers)
+        assert sum(all(m) for m in matches) >= 0.5 * len(known), rephrasing
+
+
+@pytest.mark.slow
 def test_edit_cli(tmp_path, smollm2):
     edits = tmp_path / "edits.jsonl"
     edits.write_text(json.dumps({"prompt": "The capital of France is", "target": "Rome",

@@ -61,13 +61,18 @@ class Relation:
     fact: Callable
 
 
+# A rephrasing tests whether an edit generalizes only if the unedited model retrieves the fact through it: each is
+# one SmolLM2-135M answers right for at least half the facts it knows by the relation's prompt (checked by
+# tests/test_edit.py). Two earlier ones failed that and were replaced: "{}'s capital is" (31% of the known
+# capitals) by "In {}, the capital is" (92%), and "The language spoken in {} is" (0%: " a", " often", ...) by
+# "In {}, the official language is" (93%).
 RELATIONS: Dict[str, Relation] = {r.name: r for r in (
-    Relation("capital", "The capital of {} is", ("{}'s capital is", "The capital city of {} is"),
+    Relation("capital", "The capital of {} is", ("In {}, the capital is", "The capital city of {} is"),
              "{} is the capital of", _capital),
     Relation("continent", "{} is a country on the continent of",
              ("{} is located on the continent of", "The country of {} lies on the continent of"), None, _continent),
     Relation("language", "The official language of {} is",
-             ("{}'s official language is", "The language spoken in {} is"), None, _language),
+             ("{}'s official language is", "In {}, the official language is"), None, _language),
     Relation("demonym", "A person from {} is called", ("Someone from {} is called", "A citizen of {} is called"),
              None, _demonym),
 )}
