@@ -80,6 +80,21 @@ def test_neighborhood_is_exact_match_of_the_true_answer():
     assert m.neighborhood == pytest.approx(0.5)  # "4" -> "5 6" holds, "7" -> "8 9" is not "8 1"
 
 
+def test_counterfactual_fluency_is_measured_on_the_new_target_and_the_unedited_continuation(monkeypatch):
+    """The unedited model's text after each prompt followed by its new target: the target's tokens, then its own
+    greedy continuation, `generation_tokens` in all (a target longer than that is cut)."""
+    seen = []
+    real_fluency = editing.metrics.fluency
+    monkeypatch.setattr(editing.metrics, "fluency", lambda texts: seen.append(list(texts)) or real_fluency(texts))
+    edits = [sa.edit.Edit("1 2", "7"), sa.edit.Edit("4", "9 9 9 9 9 9")]
+    _, m = sa.edit.apply_edits(CountingLM(), DigitTokenizerLM(), edits,
+                               sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", generation_tokens=4,
+                                                  preserve=0.0, neighbors=0, prefixes=0))
+    assert ["7 8 9 0", "9 9 9 9"] in seen  # not the unedited answers' "3 4 5 6", "5 6 7 8"
+    assert m.fluency_counterfactual == pytest.approx(real_fluency(["7 8 9 0", "9 9 9 9"]))
+    assert "unedited after the new answer" in sa.edit.results_table([m])
+
+
 class CountingLM(Counting):
     def get_submodule(self, name):
         return self

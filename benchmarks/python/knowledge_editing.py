@@ -104,7 +104,8 @@ def main():
 
     if args.ablation:
         lines = ["| recipe | edits | edit success | generalization | neighbourhood (strict) | locality (agreement) "
-                 "| fluency (before) | weights changed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| fluency (before; unedited after the new answer) | weights changed |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         default = edit.EditConfig()
         for name, overrides in ABLATION:
             config = replace(default, **overrides)
@@ -112,7 +113,8 @@ def main():
             for m in (single, batched):
                 if m is not None:
                     lines.append(f"| {name} | {m.edits} | {m.edit_success:.3f} | {m.generalization:.3f} | "
-                                 f"{m.neighborhood:.3f} | {m.locality:.3f} | {m.fluency:.2f} ({m.fluency_before:.2f})"
+                                 f"{m.neighborhood:.3f} | {m.locality:.3f} | {m.fluency:.2f} ({m.fluency_before:.2f}; "
+                                 f"{m.fluency_counterfactual:.2f})"
                                  f" | {m.weights_changed:,} |")
             print("\n".join(lines[-2:]), flush=True)
         text = (f"# Knowledge editing recipe: ablation (RoseLoRA, capitals, SmolLM2-135M)\n\nEach row adds one lever "

@@ -229,11 +229,14 @@ class EditMetrics:
     locality: float  # EasyEdit-style: token agreement of unrelated prompts' continuations with the unedited ones
     portability: float
     fluency: float
-    fluency_before: float
+    fluency_before: float  # the unedited model's, after the same prompts (its own answers)
     weights_changed: int
     # strict neighbourhood locality: the share of the edits' neighbours (same relation, other subjects) whose
     # greedy continuation still begins with their true answer (NaN when the edits name no neighbours)
     neighborhood: float = math.nan
+    # the unedited model's fluency after each prompt *followed by its new target*: what the counterfactual
+    # statement alone does to what follows, apart from the edit (NaN for results saved before it existed)
+    fluency_counterfactual: float = math.nan
     seconds: float = math.nan
     per_edit: List[Dict] = field(default_factory=list)
 
@@ -597,6 +600,18 @@ def _texts(tokenizer, token_lists) -> List[str]:
     return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
 
 
+def _counterfactual_fluency(model, tokenizer, edits, target_ids, tokens: int) -> float:
+    """Fluency of the model's own `tokens` after each prompt when they begin with the edit's new target (the rest
+    its greedy continuation): the text an edited model that changed nothing else would produce."""
+    texts = []
+    for e, target in zip(edits, target_ids):
+        rest = tokens - len(target)
+        tail = metrics.continue_ids(model, tokenizer, [metrics.encode(tokenizer, e.prompt, True) + list(target)],
+                                    rest)[0] if rest > 0 else []
+        texts.append((list(target) + tail)[:tokens])
+    return metrics.fluency(_texts(tokenizer, texts))
+
+
 def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Optional[EditConfig] = None,
                 locality_prompts: Sequence[str] = ()) -> Tuple[nn.Module, EditMetrics]:
     """Apply all ``edits`` and measure them. Edits are trained in groups of ``config.group_size`` (default 1:
@@ -614,6 +629,7 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     gen_prompts = [e.prompt for e in edits]
     fluency_before = metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(
         model, tokenizer, gen_prompts, config.generation_tokens)))
+    fluency_counterfactual = _counterfactual_fluency(model, tokenizer, edits, target_ids, config.generation_tokens)
 
     prefixes = generic_prefixes(config.prefixes, config.seed)
     group = config.group_size or len(edits)
@@ -666,8 +682,8 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
         method=config.method, edits=len(edits), edit_success=metrics.accuracy(edit_m), edit_exact=metrics.exact(edit_m),
         generalization=metrics.accuracy(reph_m), locality=metrics.accuracy(loc_m),
         neighborhood=metrics.exact(neighbor_m), portability=metrics.accuracy(port_m),
-        fluency=metrics.fluency(generations), fluency_before=fluency_before, weights_changed=changed,
-        seconds=seconds, per_edit=per_edit)
+        fluency=metrics.fluency(generations), fluency_before=fluency_before,
+        fluency_counterfactual=fluency_counterfactual, weights_changed=changed, seconds=seconds, per_edit=per_edit)
     return model, result
 
 
@@ -680,17 +696,17 @@ def mean_metrics(results: Sequence[EditMetrics]) -> EditMetrics:
     return EditMetrics(
         method=results[0].method, edits=results[0].edits,
         **{k: avg(k) for k in ("edit_success", "edit_exact", "generalization", "locality", "portability", "fluency",
-                               "fluency_before", "neighborhood", "seconds")},
+                               "fluency_before", "fluency_counterfactual", "neighborhood", "seconds")},
         weights_changed=round(statistics.mean(r.weights_changed for r in results)),
         per_edit=[p for r in results for p in r.per_edit])
 
 
 def results_table(rows: Sequence[EditMetrics]) -> str:
     lines = ["| method | edits per run | edit success | exact | generalization | neighbourhood (strict) | locality "
-             "(agreement) | portability | fluency (before) | weights changed |",
+             "(agreement) | portability | fluency (before; unedited after the new answer) | weights changed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.edits} | {r.edit_success:.3f} | {r.edit_exact:.3f} | {r.generalization:.3f} | "
                      f"{r.neighborhood:.3f} | {r.locality:.3f} | {r.portability:.3f} | {r.fluency:.2f} "
-                     f"({r.fluency_before:.2f}) | {r.weights_changed:,} |")
+                     f"({r.fluency_before:.2f}; {r.fluency_counterfactual:.2f}) | {r.weights_changed:,} |")
     return "\n".join(lines)
