@@ -111,7 +111,8 @@ def _edit(args) -> int:
         raise SystemExit(f"--save-adapter saves one adapter, but the {len(edits)} edits of {args.edits} are made one "
                          f"after another, each merged before the next; add --together to train them as one adapter")
     config = EditConfig(method=args.method, steps=args.steps, extra_steps=args.extra_steps,
-                        merge=args.merge and not args.save_adapter, group_size=None if args.together else 1)
+                        merge=args.merge and not args.save_adapter, group_size=None if args.together else 1,
+                        neighbor_rephrasings=args.hold_rephrasings)
     model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
     text = results_table([m]) + "\n\n" + "\n".join(
         f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--steps", type=_positive_int, default=EditConfig.steps)
     ed.add_argument("--extra-steps", type=_non_negative_int, default=EditConfig.extra_steps,
                     help="an edit that has not held after --steps trains up to this many more (default: %(default)s)")
+    ed.add_argument("--hold-rephrasings", action="store_true",
+                    help="hold the neighbour prompts in each edit's rephrasings too, not only in its prompt's form: "
+                         "the relation stays in place in those words, at a cost in generalization")
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
     ed.add_argument("--together", action="store_true",
                     help="train all edits as one batch into one adapter (default: one edit after another, each "

@@ -115,10 +115,9 @@ def test_rephrasings_retrieve_the_fact_before_any_edit(smollm2, relation):
     the replaced "The language spoken in X is" gave 0.00)."""
     model, tokenizer = smollm2
     known = sa.edit.known_facts(model, tokenizer, sa.edit.relation_facts(relation), relation)
-    answers = [sa.edit.metrics.encode(tokenizer, " " + fact, False) for _, fact in known]
     for rephrasing in sa.edit.RELATIONS[relation].rephrasings:
-        matches = sa.edit.metrics.token_matches(model, tokenizer, [rephrasing.format(c) for c, _ in known], answers)
-        assert sum(all(m) for m in matches) >= 0.5 * len(known), rephrasing
+        through = sa.edit.known_facts(model, tokenizer, known, relation, template=rephrasing)
+        assert len(through) >= 0.5 * len(known), rephrasing
 
 
 @pytest.mark.slow

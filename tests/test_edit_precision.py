@@ -4,6 +4,7 @@ benchmark draws its counterfactuals from."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,6 +79,35 @@ def test_neighborhood_is_exact_match_of_the_true_answer():
                                sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", generation_tokens=2,
                                                   preserve=0.0, neighbors=0, prefixes=0))
     assert m.neighborhood == pytest.approx(0.5)  # "4" -> "5 6" holds, "7" -> "8 9" is not "8 1"
+
+
+def test_rephrased_neighbours_put_each_neighbour_into_each_rephrasing():
+    e = sa.edit.Edit("The official language of Chile is", "Nepali", subject="Chile",
+                     rephrasings=["In Chile, the official language is", "Which language is official here?"],
+                     neighbors=[("The official language of Peru is", "Spanish"), ("Lima is in", "Peru")])
+    assert e.rephrasing_templates == ["In {}, the official language is"]  # the second names no subject
+    assert e.rephrased_neighbors() == [("In Peru, the official language is", "Spanish")]  # not the other form
+    assert sa.edit.Edit("the capital is", "x", rephrasings=["a capital is"]).rephrased_neighbors() == []
+
+
+def test_rephrased_neighborhood_counts_only_what_the_unedited_model_knew():
+    # Counting says last + 1. In the rephrasing "3 {}", neighbour 4 -> "5" is right before the edit, neighbour
+    # 7 -> "8 1" is not (it says 8 9): only the first is measured, and it still holds.
+    e = sa.edit.Edit("1 2", "3", subject="2", rephrasings=["3 2"], neighbors=[("1 4", "5"), ("1 7", "8 1")])
+    _, m = sa.edit.apply_edits(CountingLM(), DigitTokenizerLM(), [e],
+                               sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", generation_tokens=2,
+                                                  preserve=0.0, neighbors=0, prefixes=0))
+    assert m.neighborhood == pytest.approx(0.5) and m.neighborhood_rephrased == 1.0
+    assert "neighbourhood, rephrased" in sa.edit.results_table([m])
+
+
+def test_neighbour_prompts_in_the_rephrasings_forms():
+    e = sa.edit.Edit("The capital of Chile is", "Lima", ["In Chile, the capital is"], subject="Chile")
+    config = sa.edit.EditConfig(neighbors=3, similar_neighbors=0.0)
+    plain = editing.neighbour_prompts(None, None, [e], config)
+    both = editing.neighbour_prompts(None, None, [e], replace(config, neighbor_rephrasings=True))
+    assert both[0::2] == plain and len(plain) == 3
+    assert both[1::2] == [f"In {p[len('The capital of '):-len(' is')]}, the capital is" for p in plain]
 
 
 def test_counterfactual_fluency_is_measured_on_the_new_target_and_the_unedited_continuation(monkeypatch):

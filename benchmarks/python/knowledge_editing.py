@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from report import describe_machine  # same folder
 
 from sparse_adapt import edit
 from sparse_adapt.assets import models
@@ -103,9 +104,9 @@ def main():
             known[relation] = found
 
     if args.ablation:
-        lines = ["| recipe | edits | edit success | generalization | neighbourhood (strict) | locality (agreement) "
-                 "| fluency (before; unedited after the new answer) | weights changed |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| recipe | edits | edit success | generalization | neighbourhood (strict) | neighbourhood, rephrased "
+                 f"| locality (agreement) | {edit.EditMetrics.FLUENCY_HEADER} | weights changed |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         default = edit.EditConfig()
         for name, overrides in ABLATION:
             config = replace(default, **overrides)
@@ -113,13 +114,12 @@ def main():
             for m in (single, batched):
                 if m is not None:
                     lines.append(f"| {name} | {m.edits} | {m.edit_success:.3f} | {m.generalization:.3f} | "
-                                 f"{m.neighborhood:.3f} | {m.locality:.3f} | {m.fluency:.2f} ({m.fluency_before:.2f}; "
-                                 f"{m.fluency_counterfactual:.2f})"
-                                 f" | {m.weights_changed:,} |")
+                                 f"{m.neighborhood:.3f} | {m.neighborhood_rephrased:.3f} | {m.locality:.3f} | "
+                                 f"{m.fluency_cell()} | {m.weights_changed:,} |")
             print("\n".join(lines[-2:]), flush=True)
         text = (f"# Knowledge editing recipe: ablation (RoseLoRA, capitals, SmolLM2-135M)\n\nEach row adds one lever "
                 f"to the one above; single edits average {args.singles} edits on fresh copies, the batch row edits "
-                f"{args.batch} at once. CPU, {args.threads} threads, torch {torch.__version__}; "
+                f"{args.batch} at once. {describe_machine('cpu')}, {args.threads} threads, torch {torch.__version__}; "
                 f"{time.perf_counter() - t0:.0f} s.\n\n" + "\n".join(lines) + "\n")
         print(text)
         (out / "knowledge-editing-ablation-cpu.md").write_text(text)
@@ -156,7 +156,7 @@ generic-text prefixes, early stop {c.early_stop}, KL also on the unedited model'
 after the new answer, a batch made in groups of {c.group_size} edit(s), each holding the earlier; RoseLoRA
 {c.sparsity:.0%} sparse rows of A / columns of B at the
 end; FT-L: {c.ft_module}, each weight within ±{c.ft_max_change}. Rows "1" average {args.singles} single edits,
-each on a fresh copy of the model. CPU, {args.threads} threads, torch {torch.__version__};
+each on a fresh copy of the model. {describe_machine('cpu')}, {args.threads} threads, torch {torch.__version__};
 {time.perf_counter() - t0:.0f} s in all.
 
 {table}

@@ -99,10 +99,11 @@ def capital_facts() -> List[Tuple[str, str]]:
     return relation_facts("capital")
 
 
-def known_facts(model, tokenizer, facts: Sequence[Tuple[str, str]], relation: str = "capital"
-                ) -> List[Tuple[str, str]]:
-    """The facts whose whole answer is the model's greedy continuation of the relation's prompt."""
-    template = RELATIONS[relation].prompt
+def known_facts(model, tokenizer, facts: Sequence[Tuple[str, str]], relation: str = "capital",
+                template: Optional[str] = None) -> List[Tuple[str, str]]:
+    """The facts whose whole answer is the model's greedy continuation of the relation's prompt (or of another
+    `template` of it, e.g. one of its rephrasings)."""
+    template = template or RELATIONS[relation].prompt
     prompts = [template.format(c) for c, _ in facts]
     answers = [metrics.encode(tokenizer, " " + a, False) for _, a in facts]
     matches = metrics.token_matches(model, tokenizer, prompts, answers)

@@ -112,11 +112,26 @@ class Edit:
     @property
     def template(self) -> Optional[str]:
         """The prompt with its subject as "{}" (the relation, to fill with other subjects), or None."""
+        return _as_template(self.prompt, self.subject)
+
+    @property
+    def rephrasing_templates(self) -> List[str]:
+        """The rephrasings that name the subject, with it as "{}" (the relation in other words)."""
+        return [t for t in (_as_template(r, self.subject) for r in self.rephrasings) if t]
+
+    def rephrased_neighbors(self) -> List[Tuple[str, str]]:
+        """The neighbours asked in the edit's other words: each neighbour prompt that is the edit's template filled
+        with another subject, put into each of :attr:`rephrasing_templates` with that subject (same answer)."""
         if not self.subject:
-            return None
+            return []
         i = self.prompt.rfind(self.subject)
-        return self.prompt[:i].replace("{", "{{").replace("}", "}}") + "{}" + \
-            self.prompt[i + len(self.subject):].replace("{", "{{").replace("}", "}}")
+        before, after = self.prompt[:i], self.prompt[i + len(self.subject):]
+        pairs = []
+        for prompt, answer in self.neighbors:
+            if prompt.startswith(before) and prompt.endswith(after) and len(prompt) > len(before) + len(after):
+                other = prompt[len(before):len(prompt) - len(after)]
+                pairs.extend((t.format(other), answer) for t in self.rephrasing_templates)
+        return pairs
 
     @staticmethod
     def from_dict(d: Dict) -> "Edit":
@@ -146,6 +161,15 @@ class Edit:
         if "loc" in d and "loc_ans" in d:  # ZsRE
             neighbors = _zip_pairs(d["loc"], d["loc_ans"], "loc")
         return Edit(prompt, target, rephrasings, portability, d.get("subject"), neighbors)
+
+
+def _as_template(text: str, subject: Optional[str]) -> Optional[str]:
+    """`text` with the last occurrence of `subject` as "{}" (other braces escaped), or None if it has none."""
+    i = text.rfind(subject) if subject else -1
+    if i < 0:
+        return None
+    return text[:i].replace("{", "{{").replace("}", "}}") + "{}" + \
+        text[i + len(subject):].replace("{", "{{").replace("}", "}}")
 
 
 def _zip_pairs(prompts, answers, what: str) -> List[Tuple[str, str]]:
@@ -183,6 +207,9 @@ class EditConfig:
     neighbors: int = 32
     similar_neighbors: float = 0.5  # the share of them most like the edit's subject (the rest: random titles)
     neighbor_pool: int = 4096  # Wikipedia titles searched for the similar ones
+    # each neighbour subject also in each of the request's rephrasings (Edit.rephrasing_templates), not only in
+    # its prompt's template: the relation held in the other words the request gives
+    neighbor_rephrasings: bool = False
     preserve_after: int = 16  # KL also on the unedited model's next tokens after prompt + new target (0: off)
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
     early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
@@ -239,11 +266,20 @@ class EditMetrics:
     fluency_counterfactual: float = math.nan
     seconds: float = math.nan
     per_edit: List[Dict] = field(default_factory=list)
+    # the same neighbours asked in each edit's rephrasings (Edit.rephrased_neighbors), over those the unedited
+    # model answered right: an edit may leave the relation alone in its own words and still spread along others
+    neighborhood_rephrased: float = math.nan
+
+    FLUENCY_HEADER = "fluency (before; unedited after the new answer)"
 
     def as_row(self) -> Dict:
         d = asdict(self)
         d.pop("per_edit")
         return d
+
+    def fluency_cell(self) -> str:
+        """The fluency as the tables show it: after the edit (before it; the counterfactual reference)."""
+        return f"{self.fluency:.2f} ({self.fluency_before:.2f}; {self.fluency_counterfactual:.2f})"
 
 
 def _validate(edits: Sequence[Edit], tokenizer) -> List[List[int]]:
@@ -393,7 +429,8 @@ def _neighbours_per_edit(model, tokenizer, edits, config, unseen=(), per_edit=No
             prompts.append([])
             continue
         subjects = [*similar_of.get(id(e), ()), *(next(randoms) for _ in range(per_edit - n_similar))]
-        prompts.append([e.template.format(subject) for subject in subjects])
+        forms = [e.template, *(e.rephrasing_templates if config.neighbor_rephrasings else ())]
+        prompts.append([form.format(subject) for subject in subjects for form in forms])
     return prompts
 
 
@@ -630,6 +667,9 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     fluency_before = metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(
         model, tokenizer, gen_prompts, config.generation_tokens)))
     fluency_counterfactual = _counterfactual_fluency(model, tokenizer, edits, target_ids, config.generation_tokens)
+    rephrased = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.rephrased_neighbors()]
+    rephrased = [pair for pair, m in zip(rephrased, metrics.token_matches(
+        model, tokenizer, [p for p, _ in rephrased], [a for _, a in rephrased])) if all(m)]  # known before
 
     prefixes = generic_prefixes(config.prefixes, config.seed)
     group = config.group_size or len(edits)
@@ -674,6 +714,7 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     loc_m = metrics.token_matches(model, tokenizer, locality_prompts, before_locality)
     neighbors = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.neighbors]
     neighbor_m = metrics.token_matches(model, tokenizer, [p for p, _ in neighbors], [a for _, a in neighbors])
+    rephrased_m = metrics.token_matches(model, tokenizer, [p for p, _ in rephrased], [a for _, a in rephrased])
     generations = _texts(tokenizer, metrics.greedy_continuations(model, tokenizer, gen_prompts,
                                                                  config.generation_tokens))
     per_edit = [{"prompt": e.prompt, "target": e.target, "token_accuracy": sum(m) / len(m), "generation": g}
@@ -681,7 +722,8 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     result = EditMetrics(
         method=config.method, edits=len(edits), edit_success=metrics.accuracy(edit_m), edit_exact=metrics.exact(edit_m),
         generalization=metrics.accuracy(reph_m), locality=metrics.accuracy(loc_m),
-        neighborhood=metrics.exact(neighbor_m), portability=metrics.accuracy(port_m),
+        neighborhood=metrics.exact(neighbor_m), neighborhood_rephrased=metrics.exact(rephrased_m),
+        portability=metrics.accuracy(port_m),
         fluency=metrics.fluency(generations), fluency_before=fluency_before,
         fluency_counterfactual=fluency_counterfactual, weights_changed=changed, seconds=seconds, per_edit=per_edit)
     return model, result
@@ -696,17 +738,19 @@ def mean_metrics(results: Sequence[EditMetrics]) -> EditMetrics:
     return EditMetrics(
         method=results[0].method, edits=results[0].edits,
         **{k: avg(k) for k in ("edit_success", "edit_exact", "generalization", "locality", "portability", "fluency",
-                               "fluency_before", "fluency_counterfactual", "neighborhood", "seconds")},
+                               "fluency_before", "fluency_counterfactual", "neighborhood",
+                               "neighborhood_rephrased", "seconds")},
         weights_changed=round(statistics.mean(r.weights_changed for r in results)),
         per_edit=[p for r in results for p in r.per_edit])
 
 
 def results_table(rows: Sequence[EditMetrics]) -> str:
-    lines = ["| method | edits per run | edit success | exact | generalization | neighbourhood (strict) | locality "
-             "(agreement) | portability | fluency (before; unedited after the new answer) | weights changed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | edits per run | edit success | exact | generalization | neighbourhood (strict) | "
+             f"neighbourhood, rephrased | locality (agreement) | portability | {EditMetrics.FLUENCY_HEADER} | "
+             "weights changed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.edits} | {r.edit_success:.3f} | {r.edit_exact:.3f} | {r.generalization:.3f} | "
-                     f"{r.neighborhood:.3f} | {r.locality:.3f} | {r.portability:.3f} | {r.fluency:.2f} "
-                     f"({r.fluency_before:.2f}; {r.fluency_counterfactual:.2f}) | {r.weights_changed:,} |")
+                     f"{r.neighborhood:.3f} | {r.neighborhood_rephrased:.3f} | {r.locality:.3f} | "
+                     f"{r.portability:.3f} | {r.fluency_cell()} | {r.weights_changed:,} |")
     return "\n".join(lines)
