@@ -122,15 +122,15 @@ class Edit:
     def rephrased_neighbors(self) -> List[Tuple[str, str]]:
         """The neighbours asked in the edit's other words: each neighbour prompt that is the edit's template filled
         with another subject, put into each of :attr:`rephrasing_templates` with that subject (same answer)."""
-        if not self.subject:
+        split, templates = _split_at(self.prompt, self.subject), self.rephrasing_templates
+        if split is None or not templates:
             return []
-        i = self.prompt.rfind(self.subject)
-        before, after = self.prompt[:i], self.prompt[i + len(self.subject):]
+        before, after = split
         pairs = []
         for prompt, answer in self.neighbors:
             if prompt.startswith(before) and prompt.endswith(after) and len(prompt) > len(before) + len(after):
                 other = prompt[len(before):len(prompt) - len(after)]
-                pairs.extend((t.format(other), answer) for t in self.rephrasing_templates)
+                pairs.extend((t.format(other), answer) for t in templates)
         return pairs
 
     @staticmethod
@@ -163,13 +163,18 @@ class Edit:
         return Edit(prompt, target, rephrasings, portability, d.get("subject"), neighbors)
 
 
+def _split_at(text: str, subject: Optional[str]) -> Optional[Tuple[str, str]]:
+    """(what comes before, what comes after) the last occurrence of `subject` in `text`, or None if it has none."""
+    i = text.rfind(subject) if subject else -1
+    return None if i < 0 else (text[:i], text[i + len(subject):])
+
+
 def _as_template(text: str, subject: Optional[str]) -> Optional[str]:
     """`text` with the last occurrence of `subject` as "{}" (other braces escaped), or None if it has none."""
-    i = text.rfind(subject) if subject else -1
-    if i < 0:
+    split = _split_at(text, subject)
+    if split is None:
         return None
-    return text[:i].replace("{", "{{").replace("}", "}}") + "{}" + \
-        text[i + len(subject):].replace("{", "{{").replace("}", "}}")
+    return "{}".join(part.replace("{", "{{").replace("}", "}}") for part in split)
 
 
 def _zip_pairs(prompts, answers, what: str) -> List[Tuple[str, str]]:
@@ -633,6 +638,16 @@ def _answer_ids(tokenizer, answer: str) -> List[int]:
     return metrics.encode(tokenizer, answer if answer.startswith(" ") else " " + answer, False)
 
 
+def _answer_pairs(tokenizer, pairs: Sequence[Tuple[str, str]]) -> List[Tuple[str, List[int]]]:
+    """(prompt, answer) pairs with each answer as its token ids."""
+    return [(p, _answer_ids(tokenizer, a)) for p, a in pairs]
+
+
+def _pair_matches(model, tokenizer, pairs: Sequence[Tuple[str, Sequence[int]]]) -> List[List[bool]]:
+    """:func:`metrics.token_matches` of (prompt, answer token ids) pairs."""
+    return metrics.token_matches(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+
+
 def _texts(tokenizer, token_lists) -> List[str]:
     return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
 
@@ -667,9 +682,9 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     fluency_before = metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(
         model, tokenizer, gen_prompts, config.generation_tokens)))
     fluency_counterfactual = _counterfactual_fluency(model, tokenizer, edits, target_ids, config.generation_tokens)
-    rephrased = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.rephrased_neighbors()]
-    rephrased = [pair for pair, m in zip(rephrased, metrics.token_matches(
-        model, tokenizer, [p for p, _ in rephrased], [a for _, a in rephrased])) if all(m)]  # known before
+    # the neighbours in the edits' rephrasings, as far as the unedited model answers them right
+    rephrased = _answer_pairs(tokenizer, [x for e in edits for x in e.rephrased_neighbors()])
+    rephrased = [pair for pair, m in zip(rephrased, _pair_matches(model, tokenizer, rephrased)) if all(m)]
 
     prefixes = generic_prefixes(config.prefixes, config.seed)
     group = config.group_size or len(edits)
@@ -708,13 +723,11 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
 
     edit_m = metrics.token_matches(model, tokenizer, gen_prompts, target_ids)
     reph = [(r, t) for e, t in zip(edits, target_ids) for r in e.rephrasings]
-    reph_m = metrics.token_matches(model, tokenizer, [r for r, _ in reph], [t for _, t in reph])
-    port = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.portability]
-    port_m = metrics.token_matches(model, tokenizer, [p for p, _ in port], [a for _, a in port])
+    reph_m = _pair_matches(model, tokenizer, reph)
+    port_m = _pair_matches(model, tokenizer, _answer_pairs(tokenizer, [x for e in edits for x in e.portability]))
     loc_m = metrics.token_matches(model, tokenizer, locality_prompts, before_locality)
-    neighbors = [(p, _answer_ids(tokenizer, a)) for e in edits for p, a in e.neighbors]
-    neighbor_m = metrics.token_matches(model, tokenizer, [p for p, _ in neighbors], [a for _, a in neighbors])
-    rephrased_m = metrics.token_matches(model, tokenizer, [p for p, _ in rephrased], [a for _, a in rephrased])
+    neighbor_m = _pair_matches(model, tokenizer, _answer_pairs(tokenizer, [x for e in edits for x in e.neighbors]))
+    rephrased_m = _pair_matches(model, tokenizer, rephrased)
     generations = _texts(tokenizer, metrics.greedy_continuations(model, tokenizer, gen_prompts,
                                                                  config.generation_tokens))
     per_edit = [{"prompt": e.prompt, "target": e.target, "token_accuracy": sum(m) / len(m), "generation": g}
