@@ -112,7 +112,7 @@ def _edit(args) -> int:
                          f"after another, each merged before the next; add --together to train them as one adapter")
     config = EditConfig(method=args.method, steps=args.steps, extra_steps=args.extra_steps,
                         merge=args.merge and not args.save_adapter, group_size=None if args.together else 1,
-                        neighbor_rephrasings=args.hold_rephrasings)
+                        neighbor_rephrasings=args.hold_rephrasings, subject_update=args.subject_update)
     model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
     text = results_table([m]) + "\n\n" + "\n".join(
         f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--hold-rephrasings", action="store_true",
                     help="hold the neighbour prompts in each edit's rephrasings too, not only in its prompt's form: "
                          "the relation stays in place in those words, at a cost in generalization")
+    ed.add_argument("--subject-update", action="store_true",
+                    help="train the update at the subject's last token in the prompt's copies behind generic "
+                         "prefixes: the relation holds under other phrasings, at a cost in generalization")
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
     ed.add_argument("--together", action="store_true",
                     help="train all edits as one batch into one adapter (default: one edit after another, each "

@@ -56,6 +56,7 @@ def test_edit_steps_default_to_the_config():
     assert (args.steps, args.extra_steps) == (sa.edit.EditConfig.steps, sa.edit.EditConfig.extra_steps)
     assert cli.build_parser().parse_args(["edit", "--edits", "e.jsonl", "--extra-steps", "0"]).extra_steps == 0
     assert not args.hold_rephrasings and sa.edit.EditConfig.neighbor_rephrasings is False
+    assert not args.subject_update and sa.edit.EditConfig.subject_update is False
 
 
 def test_edit_switches_reach_the_config(tmp_path, monkeypatch):
@@ -65,8 +66,10 @@ def test_edit_switches_reach_the_config(tmp_path, monkeypatch):
     monkeypatch.setattr("sparse_adapt.assets.models.load_smollm2", lambda: (torch.nn.Linear(1, 1), None))
     monkeypatch.setattr(sa.edit, "apply_edits", lambda m, t, e, config, loc: seen.append(config) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        cli.main(["edit", "--edits", str(edits), "--hold-rephrasings", "--extra-steps", "3", "--together"])
-    assert (seen[0].neighbor_rephrasings, seen[0].extra_steps, seen[0].group_size) == (True, 3, None)
+        cli.main(["edit", "--edits", str(edits), "--hold-rephrasings", "--subject-update", "--extra-steps", "3",
+                  "--together"])
+    assert (seen[0].neighbor_rephrasings, seen[0].subject_update, seen[0].extra_steps, seen[0].group_size) == \
+        (True, True, 3, None)
 
 
 def test_an_unusable_out_fails_before_the_run(tmp_path, monkeypatch):

@@ -330,3 +330,55 @@ def test_extra_steps_go_on_only_until_the_edit_holds(monkeypatch):
     assert steps_run("5", 0) == 3 and steps_run("5", 4) == 7  # never holds: the whole budget
     assert steps_run("5", 4, early_stop=False) == 3  # without early stop: exactly `steps`
     assert steps_run("3", 4) == 1  # the model's own answer holds at the first check
+
+
+def test_edit_batch_marks_the_subjects_last_token():
+    tok = DigitTokenizerLM()
+    edits = [sa.edit.Edit("1 2 3", "7", subject="2"), sa.edit.Edit("4 5 6", "9 9", subject="5 6")]
+    batch, at_subject = editing._edit_batch(tok, edits, [[7], [9, 9]], "cpu", prefixes=["8 "])
+    # rows: "1 2 3 7", "8 1 2 3 7", "4 5 6 9 9", "8 4 5 6 9 9" (the unprefixed rows: everywhere)
+    assert at_subject.shape == batch["input_ids"].shape == (4, 6)
+    assert [row.nonzero().flatten().tolist() for row in at_subject] == [list(range(6)), [2], list(range(6)), [3]]
+    no_subject = sa.edit.Edit("1 2", "3")
+    no_subject.subject = None  # as for a prompt with no recognisable subject: the whole row
+    _, whole = editing._edit_batch(tok, [no_subject], [[3]], "cpu", prefixes=["8 "])
+    assert whole.tolist() == [[1.0] * 4] * 2
+
+
+def test_updates_only_at_the_marked_positions():
+    """Inside _updates_only_at an adapter acts where the mask is 1 and is its base layer elsewhere -- forward and
+    gradient -- and after it the adapter acts everywhere again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    sa.inject(model, sa.config_for("lora", r=2, target_modules=["0"]))
+    layer = model[0]
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 4, 6)
+    mask = torch.zeros(2, 4)
+    mask[0, 1] = mask[1, 3] = 1
+    with editing._updates_only_at(model, mask):
+        y = model(x)
+    full, base = model(x), layer.base_layer(x)
+    keep = mask.bool()
+    assert torch.allclose(y[keep], full[keep]) and torch.allclose(y[~keep], base[~keep])
+    assert not torch.allclose(full[~keep], base[~keep])  # the update does act there once the block is left
+    grad_masked = torch.autograd.grad(y.sum(), layer.lora_B)[0]
+    grad_marked = torch.autograd.grad(full[keep].sum(), layer.lora_B)[0]
+    assert torch.allclose(grad_masked, grad_marked, atol=1e-6)
+    assert not layer._forward_hooks
+
+
+def test_subject_update_edits_and_is_refused_for_ft_l(monkeypatch):
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(editing, "generic_prefixes", lambda n, seed: ["8 ", "9 8 "][:n])  # digits, for the toy
+    edits = [sa.edit.Edit("1 2 3", "7", subject="2")]
+    config = _tiny_edit_config(subject_update=True, prefixes=2)
+    _, m = sa.edit.apply_edits(tiny_llama(), DigitTokenizerLM(), edits, config)
+    assert m.edit_exact == 1.0
+    for bad in (dict(method="ft-l"), dict(prefixes=0)):
+        with pytest.raises(ValueError, match="subject_update applies to the adapter methods"):
+            sa.edit.EditConfig(subject_update=True, **bad)
+    with pytest.raises(ValueError, match="stop_probability"):
+        sa.edit.EditConfig(stop_probability=1.0)

@@ -1,5 +1,6 @@
 """apply_edits: write new facts into a causal LM with RoseLoRA (or the LoRA / FT-L baselines) and measure them."""
 
+import contextlib
 import functools
 import math
 import random
@@ -217,10 +218,16 @@ class EditConfig:
     neighbor_rephrasings: bool = False
     preserve_after: int = 16  # KL also on the unedited model's next tokens after prompt + new target (0: off)
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
-    early_stop: bool = True  # stop once every target token has probability >= 0.9 in every training row
+    early_stop: bool = True  # stop once every target token has probability >= stop_probability in every row
+    stop_probability: float = 0.9
     # with early_stop: an edit that has not held after `steps` trains up to this many steps more (RoseLoRA at its
     # final sparsity; the schedule still ends at 0.6 * steps). Without early_stop every edit trains `steps`.
     extra_steps: int = 20
+    # in the edit's copies behind the generic prefixes the adapters' update acts only at the subject's last token
+    # (ROME's key; the prompt's own row, the preservation term and inference see it everywhere): more of the new
+    # fact is written into the subject's representation. Holds the relation under other phrasings (neighbourhood,
+    # rephrased), at a cost in generalization -- an option, not the default (adapter methods, prefixes > 0)
+    subject_update: bool = False
     generation_tokens: int = 32  # for fluency
     locality_tokens: int = 3
     seed: int = 0
@@ -234,12 +241,17 @@ class EditConfig:
             raise ValueError("preserve, neighbors, prefixes, preserve_after and extra_steps must be >= 0")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be >= 1 or None (all edits together), got {self.group_size!r}")
+        if not 0 < self.stop_probability < 1:
+            raise ValueError(f"stop_probability must be in (0, 1), got {self.stop_probability!r}")
         if not 0 <= self.similar_neighbors <= 1 or self.neighbor_pool < 1:
             raise ValueError(f"similar_neighbors must be in [0, 1] and neighbor_pool >= 1, got "
                              f"{self.similar_neighbors!r} and {self.neighbor_pool!r}")
         if self.preserves_nothing(one_group=self.group_size is None):
             raise ValueError("preserve > 0 needs something to preserve: neighbors > 0, preserve_after > 0 or "
                              "group_size (earlier edits)")
+        if self.subject_update and (self.method == "ft-l" or self.prefixes == 0):
+            raise ValueError("subject_update applies to the adapter methods (roselora, lora), not ft-l, and needs "
+                             "prefixes > 0 (the copies it trains at the subject)")
         if self.layers is not None:
             first, last = self.layers
             if not 0 <= first <= last:
@@ -300,16 +312,35 @@ def _validate(edits: Sequence[Edit], tokenizer) -> List[List[int]]:
 
 
 def _edit_batch(tokenizer, edits, target_ids, device, prefixes: Sequence[str] = ()):
-    """Each edit's prompt followed by its target (loss on the target only), alone and behind each prefix."""
-    seqs, labels = [], []
+    """Each edit's prompt followed by its target (loss on the target only), alone and behind each prefix; and a
+    (rows, length) mask for ``EditConfig.subject_update``: 1 at the subject's last token of each row behind a
+    prefix, 1 everywhere in the prompt's own row and in the rows of an edit with no subject."""
+    seqs, labels, subject_ends = [], [], []
     for e, t in zip(edits, target_ids):
+        split = _split_at(e.prompt, e.subject)
         for prefix in ("", *prefixes):
             seq, _ = _joined(metrics.encode(tokenizer, prefix + e.prompt, True), t)
             seqs.append(seq)
             labels.append([-100] * (len(seq) - len(t)) + t)
+            subject_ends.append(None if split is None or not prefix else
+                                _last_token(tokenizer, prefix + split[0] + e.subject, seq))
     ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
     lab, _ = metrics.pad_batch(labels, -100)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
+    at_subject = torch.zeros(ids.shape)
+    for row, end in enumerate(subject_ends):
+        if end is None:
+            at_subject[row] = 1
+        else:
+            at_subject[row, end] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
+    return batch, at_subject.to(device)
+
+
+def _last_token(tokenizer, text: str, sequence: Sequence[int]) -> int:
+    """The position in `sequence` (the tokens of a longer text that begins with `text`) of the last token that
+    `text` reaches into."""
+    n = len(metrics.encode(tokenizer, text, True))
+    return min(len(sequence), max(n, 1)) - 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -554,23 +585,47 @@ class _Preservation:
         return self.weight * sum(term(model) for term in self.terms)
 
 
-def _train(model, params, batch, config, preservation=None, after_step=None, desc="editing", may_stop=None):
+@contextlib.contextmanager
+def _updates_only_at(model, positions: Optional[torch.Tensor]):
+    """Within the block, each adapter's update acts on the (rows, length) `positions` mask only (1: the adapted
+    output, 0: the base layer's): what a forward of the edit batch learns, it must learn where the mask is."""
+    if positions is None:
+        yield
+        return
+    weight = positions.unsqueeze(-1)
+
+    def hook(layer, args, output):
+        base = layer.base_layer(args[0])
+        return base + weight.to(output.dtype) * (output - base)
+
+    handles = [layer.register_forward_hook(hook) for _, layer in adapter_layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _train(model, params, batch, config, preservation=None, after_step=None, desc="editing", may_stop=None,
+           positions=None):
     """Adam on the edit's loss (plus the preservation term); with early_stop, stop once every target token has
-    probability >= 0.9 -- but not before `may_stop()` says so (RoseLoRA: once its pruning reached the target
-    sparsity, so that an early stop never leaves a denser update) -- and go on for up to `extra_steps` more while
-    it has not."""
+    probability >= `stop_probability` -- but not before `may_stop()` says so (RoseLoRA: once its pruning reached
+    the target sparsity, so that an early stop never leaves a denser update) -- and go on for up to `extra_steps`
+    more while it has not. With `positions` the adapters' updates act on the edit batch only where it is 1
+    (:func:`_updates_only_at`); the preservation term sees them everywhere, as inference will."""
     opt = torch.optim.Adam(params, lr=config.lr)
     model.train()
     targets = batch["labels"][:, 1:]
     scored = targets != -100
     for _ in progress_bar(range(config.steps + (config.extra_steps if config.early_stop else 0)), desc):
         opt.zero_grad()
-        out = model(**batch, use_cache=False)
+        with _updates_only_at(model, positions):
+            out = model(**batch, use_cache=False)
         if config.early_stop and (may_stop is None or may_stop()):
-            with torch.no_grad():  # every target token at probability >= 0.9, in every training row
+            with torch.no_grad():  # every target token at probability >= stop_probability, in every training row
                 logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
                 target_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            if bool((target_logp[scored] >= math.log(0.9)).all()):
+            if bool((target_logp[scored] >= math.log(config.stop_probability)).all()):
                 break
         loss = out.loss
         kl = preservation.loss(model) if preservation is not None else None
@@ -599,7 +654,7 @@ def _adapted_modules(model, config) -> List[str]:
     return names
 
 
-def _adapter_edit(model, config, batch, preservation) -> None:
+def _adapter_edit(model, config, batch, preservation, at_subject=None) -> None:
     fields = dict(r=config.r, alpha=config.alpha, target_modules=_adapted_modules(model, config))
     if issubclass(get_method(config.method).config_class, RoseLoraConfig):  # the pruning schedule of an edit
         fields.update(sparsity=config.sparsity, beta=0.8, t_init=0, t_final=max(1, int(config.steps * 0.6)))
@@ -609,7 +664,7 @@ def _adapter_edit(model, config, batch, preservation) -> None:
     pruner = pruner_for(model, total_steps=config.steps)
     may_stop = (lambda: pruner.step_count >= pruner.t_final) if pruner else None
     _train(model, params, batch, config, preservation, pruner.step if pruner else None, f"{config.method} edit",
-           may_stop)
+           may_stop, at_subject if config.subject_update else None)
 
 
 def _ft_l_edit(model, config, batch, preservation) -> None:
@@ -705,14 +760,14 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     with restored_on_failure(model, values=weights) as originals:
         for k, g in enumerate(groups):
             sub, ids = [edits[i] for i in g], [target_ids[i] for i in g]
-            batch = _edit_batch(tokenizer, sub, ids, device, prefixes)
+            batch, at_subject = _edit_batch(tokenizer, sub, ids, device, prefixes)
             earlier = [(edits[i], target_ids[i]) for h in groups[:k] for i in h]
             held = neighbours.terms(k) if neighbours else []
             preservation = _Preservation(model, tokenizer, sub, ids, config, device, held, earlier)
             if config.method == "ft-l":
                 _ft_l_edit(model, config, batch, preservation)
             else:
-                _adapter_edit(model, config, batch, preservation)
+                _adapter_edit(model, config, batch, preservation, at_subject)
                 if merged:  # the next group's adapters start from the edited weights
                     merge(model)
         if config.method != "ft-l" and not merged:
