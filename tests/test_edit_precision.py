@@ -335,13 +335,14 @@ def test_extra_steps_go_on_only_until_the_edit_holds(monkeypatch):
 def test_edit_batch_marks_the_subjects_last_token():
     tok = DigitTokenizerLM()
     edits = [sa.edit.Edit("1 2 3", "7", subject="2"), sa.edit.Edit("4 5 6", "9 9", subject="5 6")]
-    batch, at_subject = editing._edit_batch(tok, edits, [[7], [9, 9]], "cpu", prefixes=["8 "])
+    batch, at_subject = editing._edit_batch(tok, edits, [[7], [9, 9]], "cpu", prefixes=["8 "], at_subject=True)
+    assert editing._edit_batch(tok, edits, [[7], [9, 9]], "cpu", prefixes=["8 "])[1] is None  # only when asked
     # rows: "1 2 3 7", "8 1 2 3 7", "4 5 6 9 9", "8 4 5 6 9 9" (the unprefixed rows: everywhere)
     assert at_subject.shape == batch["input_ids"].shape == (4, 6)
     assert [row.nonzero().flatten().tolist() for row in at_subject] == [list(range(6)), [2], list(range(6)), [3]]
     no_subject = sa.edit.Edit("1 2", "3")
     no_subject.subject = None  # as for a prompt with no recognisable subject: the whole row
-    _, whole = editing._edit_batch(tok, [no_subject], [[3]], "cpu", prefixes=["8 "])
+    _, whole = editing._edit_batch(tok, [no_subject], [[3]], "cpu", prefixes=["8 "], at_subject=True)
     assert whole.tolist() == [[1.0] * 4] * 2
 
 

@@ -311,13 +311,14 @@ def _validate(edits: Sequence[Edit], tokenizer) -> List[List[int]]:
     return ids
 
 
-def _edit_batch(tokenizer, edits, target_ids, device, prefixes: Sequence[str] = ()):
-    """Each edit's prompt followed by its target (loss on the target only), alone and behind each prefix; and a
-    (rows, length) mask for ``EditConfig.subject_update``: 1 at the subject's last token of each row behind a
-    prefix, 1 everywhere in the prompt's own row and in the rows of an edit with no subject."""
+def _edit_batch(tokenizer, edits, target_ids, device, prefixes: Sequence[str] = (), at_subject: bool = False):
+    """Each edit's prompt followed by its target (loss on the target only), alone and behind each prefix; and,
+    with `at_subject` (``EditConfig.subject_update``), a (rows, length) mask that is 1 at the subject's last token
+    of each row behind a prefix and 1 everywhere in the prompt's own row and in the rows of an edit with no
+    subject (else None)."""
     seqs, labels, subject_ends = [], [], []
     for e, t in zip(edits, target_ids):
-        split = _split_at(e.prompt, e.subject)
+        split = _split_at(e.prompt, e.subject) if at_subject else None
         for prefix in ("", *prefixes):
             seq, _ = _joined(metrics.encode(tokenizer, prefix + e.prompt, True), t)
             seqs.append(seq)
@@ -326,14 +327,16 @@ def _edit_batch(tokenizer, edits, target_ids, device, prefixes: Sequence[str] = 
                                 _last_token(tokenizer, prefix + split[0] + e.subject, seq))
     ids, mask = metrics.pad_batch(seqs, tokenizer.pad_token_id or 0)
     lab, _ = metrics.pad_batch(labels, -100)
-    at_subject = torch.zeros(ids.shape)
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
+    if not at_subject:
+        return batch, None
+    positions = torch.zeros(ids.shape)
     for row, end in enumerate(subject_ends):
         if end is None:
-            at_subject[row] = 1
+            positions[row] = 1
         else:
-            at_subject[row, end] = 1
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
-    return batch, at_subject.to(device)
+            positions[row, end] = 1
+    return batch, positions.to(device)
 
 
 def _last_token(tokenizer, text: str, sequence: Sequence[int]) -> int:
@@ -664,7 +667,7 @@ def _adapter_edit(model, config, batch, preservation, at_subject=None) -> None:
     pruner = pruner_for(model, total_steps=config.steps)
     may_stop = (lambda: pruner.step_count >= pruner.t_final) if pruner else None
     _train(model, params, batch, config, preservation, pruner.step if pruner else None, f"{config.method} edit",
-           may_stop, at_subject if config.subject_update else None)
+           may_stop, at_subject)
 
 
 def _ft_l_edit(model, config, batch, preservation) -> None:
@@ -760,7 +763,7 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     with restored_on_failure(model, values=weights) as originals:
         for k, g in enumerate(groups):
             sub, ids = [edits[i] for i in g], [target_ids[i] for i in g]
-            batch, at_subject = _edit_batch(tokenizer, sub, ids, device, prefixes)
+            batch, at_subject = _edit_batch(tokenizer, sub, ids, device, prefixes, config.subject_update)
             earlier = [(edits[i], target_ids[i]) for h in groups[:k] for i in h]
             held = neighbours.terms(k) if neighbours else []
             preservation = _Preservation(model, tokenizer, sub, ids, config, device, held, earlier)
