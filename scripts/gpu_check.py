@@ -12,6 +12,12 @@ Steps (each with its own time limit; a failure is recorded and the next step sti
              method; merge bandwidth against a copy of the same bytes
   5. topk    ema_topk_ and ema_topk_multi_ against torch.topk at RoseLoRA's shapes; CPU vs CUDA identity
   6. static  what the kernels compiled to for this arch (registers, spills, load/store widths)
+  7. models  the user's path on the GPU: every CUDA test of the model-level suites -- every method injected,
+             trained, merged, saved and reloaded; bf16; RoseLoRA's pruner; transformers.Trainer(bf16=True); PEFT;
+             gradient-SVD init; Wanda; torch.compile; knowledge editing
+  8. model-step  a whole-model training step per method under bf16 autocast, Llama-3.2-1B's shapes at random
+             initialisation (no model files travel), 4 x 512 tokens: time, bytes saved for backward, peak memory
+(7 and 8 come last: they cannot cut the steps above short)
 and a summary (Markdown and JSON) that checks the goals: merge >= 85% of copy bandwidth, LoRS fwd+bwd <= 1.10x LoRA
 at 14336x4096 with 2048 tokens, SPP-gc >= 1.5x LoRS, LoRS's saved bytes = LoRA's, CPU and CUDA ema_topk_ identical.
 
@@ -34,7 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 OP_TESTS = ["tests/test_masked_merge.py", "tests/test_masked_lora_linear.py", "tests/test_ema_topk.py",
             "tests/test_autocast.py", "tests/test_compile.py", "tests/test_errors.py"]
-BUDGET_S = 450  # the whole check, build included; each step gets at most its own limit and what is left
+# test_autocast's CUDA cases include Trainer(bf16=True) on a tiny Llama: run with the op suites, as before.
+MODEL_TESTS = ["tests/test_adapters.py", "tests/test_roselora.py", "tests/test_peft.py", "tests/test_inject.py",
+               "tests/test_prune.py", "tests/test_edit_precision.py"]
+BUDGET_S = 540  # the whole check, build included; each step gets at most its own limit and what is left
 GOALS = {
     "merge_of_copy": 0.85,          # merge bandwidth >= 85% of a copy of the same bytes
     "lors_vs_lora": 1.10,           # LoRS fwd+bwd <= 1.10x LoRA, 14336x4096, 2048 tokens
@@ -115,6 +124,15 @@ def plan(out, arch, jobs):
         Step("static", "cuobjdump: registers, spills, load/store widths for this arch",
              [f"{PY} benchmarks/cuda_static.py --out {out}"], timeout=60,
              dry_commands=[f"{PY} benchmarks/cuda_static.py --out {out}"]),
+        Step("models", "every CUDA test of the model-level suites: adapters, RoseLoRA, Trainer, PEFT, init, "
+             "pruning, compile, editing",
+             [f"{PY} -m pytest -q -m cuda {xdist_workers()}-p no:cacheprovider " + " ".join(MODEL_TESTS)],
+             timeout=240,
+             dry_commands=[f"{PY} -m pytest -q -m cuda --collect-only -p no:cacheprovider " + " ".join(MODEL_TESTS)]),
+        Step("model-step", "model_step.py: every method, whole model, bf16 autocast, Llama-3.2-1B shapes (random "
+             "weights), 4 x 512 tokens, r = 16",
+             [f"{PY} benchmarks/python/model_step.py --device cuda --random-weights llama3.2-1b --bf16 --batch-size 4 "
+              f"--seq-len 512 --reps 5 --json {out / 'model.json'}"], timeout=150),
     ]
 
 

@@ -19,8 +19,14 @@ def config_for(method, **kw):
     return sa.config_for(method, r=4, alpha=8, **kw)
 
 
-def adapted(method, model_name, seed=0, **kw):
+def on_device(model_name, device="cpu", seed=0):
+    """make_model's model and example inputs, on `device`."""
     model, example = make_model(model_name, seed)
+    return model.to(device), lambda: example().to(device)
+
+
+def adapted(method, model_name, seed=0, device="cpu", **kw):
+    model, example = on_device(model_name, device, seed)
     base = copy.deepcopy(model)
     sa.inject(model, config_for(method, **kw))
     return model, base, example
@@ -45,16 +51,16 @@ def linear_weights(model):
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("method", METHODS)
-def test_identity_at_init(method, model_name):
-    model, base, example = adapted(method, model_name)
+def test_identity_at_init(method, model_name, device):
+    model, base, example = adapted(method, model_name, device=device)
     x = example()
     torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("method", METHODS)
-def test_only_adapter_parameters_change(method, model_name):
-    model, _, example = adapted(method, model_name)
+def test_only_adapter_parameters_change(method, model_name, device):
+    model, _, example = adapted(method, model_name, device=device)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -69,8 +75,8 @@ def test_only_adapter_parameters_change(method, model_name):
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("method", METHODS)
-def test_merge_equals_adapted_forward_and_keeps_zeros(method, model_name):
-    model, base, example = adapted(method, model_name)
+def test_merge_equals_adapted_forward_and_keeps_zeros(method, model_name, device):
+    model, base, example = adapted(method, model_name, device=device)
     x = train_steps(model, example)
     model.eval()
     with torch.no_grad():
@@ -94,8 +100,8 @@ def test_merge_equals_adapted_forward_and_keeps_zeros(method, model_name):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_unmerge_and_unload_restore_the_base(method):
-    model, base, example = adapted(method, "attention")
+def test_unmerge_and_unload_restore_the_base(method, device):
+    model, base, example = adapted(method, "attention", device=device)
     x = train_steps(model, example)
     with torch.no_grad():
         y = model(x)
@@ -112,11 +118,11 @@ def test_unmerge_and_unload_restore_the_base(method):
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("method", METHODS)
-def test_save_load_round_trip(method, model_name, tmp_path):
-    model, _, example = adapted(method, model_name)
+def test_save_load_round_trip(method, model_name, tmp_path, device):
+    model, _, example = adapted(method, model_name, device=device)
     x = train_steps(model, example)
     sa.save_adapter(model, tmp_path)
-    fresh, _ = make_model(model_name)
+    fresh, _ = on_device(model_name, device)
     sa.load_adapter(fresh, tmp_path)
     model.eval(), fresh.eval()
     with torch.no_grad():
@@ -127,8 +133,8 @@ def test_save_load_round_trip(method, model_name, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bfloat16(method):
-    model, base, example = adapted(method, "attention")
+def test_bfloat16(method, device):
+    model, base, example = adapted(method, "attention", device=device)
     train_steps(model, example)
     x = example()
     with torch.no_grad():
@@ -143,8 +149,8 @@ def test_bfloat16(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_compiled_model_has_no_graph_breaks(method):
-    model, _, example = adapted(method, "attention")
+def test_compiled_model_has_no_graph_breaks(method, device):
+    model, _, example = adapted(method, "attention", device=device)
     train_steps(model, example, steps=1)
     explanation = torch._dynamo.explain(model)(example())
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -152,8 +158,8 @@ def test_compiled_model_has_no_graph_breaks(method):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lors", "sqft_gc"])
-def test_compiled_llama_forward_backward_matches_eager(method):
-    model, _, example = adapted(method, "llama")
+def test_compiled_llama_forward_backward_matches_eager(method, device):
+    model, _, example = adapted(method, "llama", device=device)
     train_steps(model, example, steps=1)
     x = example()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -137,10 +137,10 @@ def test_compiled_under_autocast_matches_eager(device):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sa.METHODS)
-def test_trainer_bf16_every_method(tmp_path, method):
-    """transformers.Trainer(bf16=True) on the CPU trains under torch.autocast(bfloat16): a few steps of every
-    method on a tiny Llama compute in bf16, keep fp32 adapters, move them; the merged model keeps the zeros where
-    it should."""
+def test_trainer_bf16_every_method(tmp_path, method, device):
+    """transformers.Trainer(bf16=True) trains under torch.autocast(bfloat16), on the CPU and on a GPU: a few steps
+    of every method on a tiny Llama compute in bf16, keep fp32 adapters, move them; the merged model keeps the zeros
+    where it should."""
     transformers = pytest.importorskip("transformers")
     from toy_models import prune_, tiny_llama
 
@@ -153,9 +153,10 @@ def test_trainer_bf16_every_method(tmp_path, method):
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     callbacks = [sa.RoseLoraPruner(lm).trainer_callback()] if isinstance(config, sa.RoseLoraConfig) else []
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
-                                          learning_rate=2e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                          learning_rate=2e-2, report_to=[], save_strategy="no", use_cpu=device == "cpu",
                                           bf16=True, logging_steps=1, disable_tqdm=True)
     trainer = transformers.Trainer(model=lm, args=args, train_dataset=dataset, callbacks=callbacks)
+    assert next(lm.parameters()).device.type == device  # the Trainer put the model on the device
     seen = []
     hook = next(sa.adapter_layers(lm))[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     trainer.train()
@@ -168,4 +169,4 @@ def test_trainer_bf16_every_method(tmp_path, method):
     sa.merge(lm)
     if config.preserves_sparsity:
         for name, was_zero in zeros.items():
-            assert torch.equal(lm.get_submodule(name).weight == 0, was_zero), name
+            assert torch.equal(lm.get_submodule(name).weight.cpu() == 0, was_zero), name  # the Trainer moved it

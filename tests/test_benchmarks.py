@@ -30,3 +30,19 @@ def test_layer_benchmark_and_report(tmp_path):
     page = (tmp_path / "test-machine-cpu.md").read_text()
     assert "**Time**" in page and "| 64x32 | 16 | 4 |" in page and "masked_merge" in page
     assert (tmp_path / "test-machine-cpu.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_model_step_benchmark_on_random_weights(tmp_path):
+    """The whole-model step benchmark, in its mode for a machine without the model files (a lent GPU): each method
+    in its own process on SmolLM2-135M's shapes at random initialisation, its saved bytes counted exactly."""
+    out = tmp_path / "model.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "python" / "model_step.py"), "--methods", "lora,lors",
+                    "--random-weights", "smollm2-135m", "--batch-size", "1", "--seq-len", "16", "--reps", "1",
+                    "--threads", "1", "--bf16", "--json", str(out)], check=True, capture_output=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["meta"]["model"] == "smollm2-135m (random weights)" and data["meta"]["autocast"] == "bf16"
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"lora", "lors"} and all(r["step_s"] > 0 for r in rows.values())
+    # LoRS recomputes its merged weight in backward instead of saving it: it saves no more than LoRA
+    assert 0 < rows["lors"]["saved_bytes"] <= rows["lora"]["saved_bytes"]

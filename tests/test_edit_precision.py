@@ -197,13 +197,13 @@ def _tiny_edit_config(**kw):
     return sa.edit.EditConfig(**{**fields, **kw})
 
 
-def test_edits_in_groups_hold_the_earlier_ones(monkeypatch):
+def test_edits_in_groups_hold_the_earlier_ones(monkeypatch, device):
     """group_size=1: each edit is made on the model the earlier ones left (merged), its preservation term holding
     the earlier edits' answers and what the unedited model says after the new answer."""
     from toy_models import tiny_llama
 
     torch.manual_seed(0)
-    model, tok = tiny_llama(), DigitTokenizerLM()
+    model, tok = tiny_llama().to(device), DigitTokenizerLM()
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     before = [model.get_submodule(n).weight.detach().clone() for n in names]
     terms = []
@@ -226,11 +226,11 @@ def test_edits_in_groups_hold_the_earlier_ones(monkeypatch):
     assert earlier == [[1, 2, 3, 7]] and cols_earlier == [[2]]  # the first edit's answer, held while the second
 
 
-def test_a_failing_group_leaves_the_model_as_it_came(monkeypatch):
+def test_a_failing_group_leaves_the_model_as_it_came(monkeypatch, device):
     from toy_models import tiny_llama
 
     torch.manual_seed(0)
-    model, tok = tiny_llama(), DigitTokenizerLM()
+    model, tok = tiny_llama().to(device), DigitTokenizerLM()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     calls = []
     real_train = editing._train
@@ -249,11 +249,11 @@ def test_a_failing_group_leaves_the_model_as_it_came(monkeypatch):
 
 
 @pytest.mark.parametrize("fields", [dict(group_size=None, merge=True), dict(group_size=None, merge=False)])
-def test_weights_changed_counts_one_adapter_merged_or_not(fields):
+def test_weights_changed_counts_one_adapter_merged_or_not(fields, device):
     from toy_models import tiny_llama
 
     torch.manual_seed(0)
-    model, tok = tiny_llama(), DigitTokenizerLM()
+    model, tok = tiny_llama().to(device), DigitTokenizerLM()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     edited, m = sa.edit.apply_edits(model, tok, _digit_edits(), _tiny_edit_config(steps=5, **fields))
     assert bool(list(sa.adapter_layers(edited))) != fields["merge"]
@@ -263,18 +263,18 @@ def test_weights_changed_counts_one_adapter_merged_or_not(fields):
         assert m.weights_changed > 0
 
 
-def test_neighbours_are_held_against_the_unedited_model_in_every_group(monkeypatch):
+def test_neighbours_are_held_against_the_unedited_model_in_every_group(monkeypatch, device):
     """The neighbour prompts of all groups are chosen once, with the unedited model's distributions: a group holds
     its own and, drawn afresh at every step, the other groups' -- so drift left by an earlier edit is pulled back."""
     from toy_models import tiny_llama
 
     torch.manual_seed(0)
-    model, tok = tiny_llama(), DigitTokenizerLM()
+    model, tok = tiny_llama().to(device), DigitTokenizerLM()
     monkeypatch.setattr(editing, "_neighbours_per_edit",
                         lambda model, tok, edits, config, unseen, per_edit: [["1 1 1", "3 3"], ["2 2 2", "3 3"]])
     with torch.no_grad():
-        unedited = {p: torch.log_softmax(model(torch.tensor([[int(c) for c in p.split()]])).logits[0, -1], -1)
-                    for p in ("1 1 1", "2 2 2", "3 3")}
+        ids = {p: torch.tensor([[int(c) for c in p.split()]], device=device) for p in ("1 1 1", "2 2 2", "3 3")}
+        unedited = {p: torch.log_softmax(model(x).logits[0, -1], -1) for p, x in ids.items()}
     held = []
     real = editing._Preservation
 
@@ -369,17 +369,35 @@ def test_updates_only_at_the_marked_positions():
     assert not layer._forward_hooks
 
 
-def test_subject_update_edits_and_is_refused_for_ft_l(monkeypatch):
+def test_subject_update_edits_and_is_refused_for_ft_l(monkeypatch, device):
     from toy_models import tiny_llama
 
     torch.manual_seed(0)
     monkeypatch.setattr(editing, "generic_prefixes", lambda n, seed: ["8 ", "9 8 "][:n])  # digits, for the toy
     edits = [sa.edit.Edit("1 2 3", "7", subject="2")]
     config = _tiny_edit_config(subject_update=True, prefixes=2)
-    _, m = sa.edit.apply_edits(tiny_llama(), DigitTokenizerLM(), edits, config)
+    _, m = sa.edit.apply_edits(tiny_llama().to(device), DigitTokenizerLM(), edits, config)
     assert m.edit_exact == 1.0
     for bad in (dict(method="ft-l"), dict(prefixes=0)):
         with pytest.raises(ValueError, match="subject_update applies to the adapter methods"):
             sa.edit.EditConfig(subject_update=True, **bad)
     with pytest.raises(ValueError, match="stop_probability"):
         sa.edit.EditConfig(stop_probability=1.0)
+
+
+def test_subject_representations_are_each_subjects_last_token_state(device):
+    """The representation of a subject is the unit hidden state of its last token after the chosen block, read in
+    right-padded batches from a model on any device and returned on the CPU."""
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama().to(device)
+    subjects = ["1 2 3", "4", "5 6"]
+    reps = editing.subject_representations(model, DigitTokenizerLM(), subjects, layer=0, batch_size=2)
+    assert reps.shape == (3, 32) and reps.device.type == "cpu"
+    for subject, rep in zip(subjects, reps):
+        ids = torch.tensor([[int(c) for c in subject.split()]], device=device)
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1]  # after block 0
+        torch.testing.assert_close(rep, torch.nn.functional.normalize(hidden.float(), dim=-1).cpu(),
+                                   rtol=1e-5, atol=1e-5)

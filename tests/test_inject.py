@@ -111,10 +111,11 @@ def weight_gradients(model, loss):
 
 
 @pytest.mark.parametrize("method,row_norm", [("lors", None), ("lora", None), ("lors", 1.0)])
-def test_gradient_svd_init_is_the_top_singular_subspace_of_the_gradient(method, row_norm):
+def test_gradient_svd_init_is_the_top_singular_subspace_of_the_gradient(method, row_norm, device):
     model, example = make_model("attention")
-    x = example()
-    target = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    model.to(device)
+    x = example().to(device)
+    target = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(device)
 
     def loss_fn(m, batch):
         return (m(batch) - target).square().mean()
@@ -130,11 +131,12 @@ def test_gradient_svd_init_is_the_top_singular_subspace_of_the_gradient(method, 
         assert torch.count_nonzero(layer.lora_B) == 0 and layer.lora_A.grad is None and layer.lora_B.grad is None
         V = torch.linalg.svd(reference[name]).Vh[:r]  # the exact top-r right singular vectors
         A = layer.lora_A.detach() / norm
-        torch.testing.assert_close(A @ A.T, torch.eye(r), atol=1e-4, rtol=0)  # orthogonal rows of that norm
+        # orthogonal rows of that norm
+        torch.testing.assert_close(A @ A.T, torch.eye(r, device=device), atol=1e-4, rtol=0)
         cosines = torch.linalg.svdvals(A @ V.T)  # of the principal angles between the two subspaces
         assert cosines.min() > 0.99, f"{name}: subspace cosines {cosines.tolist()}"
     with torch.no_grad():
-        torch.testing.assert_close(model(x), make_model("attention")[0](x))  # unchanged at step 0
+        torch.testing.assert_close(model(x), make_model("attention")[0].to(device)(x))  # unchanged at step 0
 
 
 def test_gradient_svd_first_step_is_the_best_rank_r_step():

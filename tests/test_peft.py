@@ -26,13 +26,13 @@ def lora_config(**kw):
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **kw)
 
 
-def pruned_llama(seed=0):
+def pruned_llama(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return prune_(tiny_llama(), "2:4", seed)
+    return prune_(tiny_llama(), "2:4", seed).to(device)
 
 
-def ids(seed=0, batch=2, length=7):
-    return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+def ids(seed=0, batch=2, length=7, device="cpu"):
+    return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def randomize_adapters_(model, seed=1):
@@ -90,13 +90,13 @@ def _copy_factors(peft_model, sa_model):
 @pytest.mark.parametrize("method,options", [("lors", {}), ("lors", {"exact_grad": True}), ("sqft", {}),
                                             ("sqft_gc", {}), ("roselora", {})],
                          ids=["lors", "lors-exact_grad", "sqft", "sqft_gc", "roselora"])
-def test_same_function_and_gradients_as_inject(method, options):
-    pm = sap.get_peft_model(pruned_llama(), lora_config(use_rslora=True), method=method, **options)
+def test_same_function_and_gradients_as_inject(method, options, device):
+    pm = sap.get_peft_model(pruned_llama(device=device), lora_config(use_rslora=True), method=method, **options)
     randomize_adapters_(pm)
-    ref = pruned_llama()
+    ref = pruned_llama(device=device)
     sa.inject(ref, sa.config_for(method, r=4, alpha=8, use_rslora=True, target_modules=TARGETS, **options))
     _copy_factors(pm, ref)
-    x = ids()
+    x = ids(device=device)
     out = pm(input_ids=x, labels=x)
     want = ref(input_ids=x, labels=x)
     torch.testing.assert_close(out.logits, want.logits)
@@ -108,7 +108,7 @@ def test_same_function_and_gradients_as_inject(method, options):
         torch.testing.assert_close(peft_layer.lora_B["default"].weight.grad, layer.lora_B.grad)
     # and it is not LoRA's function: the masked methods differ from plain PEFT on the same factors
     if method != "roselora":
-        plain = peft.get_peft_model(pruned_llama(), lora_config(use_rslora=True))
+        plain = peft.get_peft_model(pruned_llama(device=device), lora_config(use_rslora=True))
         plain.load_state_dict(pm.state_dict(), strict=False)
         assert not torch.allclose(plain(input_ids=x).logits, out.logits, atol=1e-4)
 
@@ -133,7 +133,7 @@ def test_lors_saves_what_lora_saves():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lors", "sqft", "roselora"])
-def test_trainer_merge_save_reload(method, tmp_path):
+def test_trainer_merge_save_reload(method, tmp_path, device):
     base = pruned_llama()
     original = copy.deepcopy(base.state_dict())
     zeros = zero_patterns(base)
@@ -142,23 +142,24 @@ def test_trainer_merge_save_reload(method, tmp_path):
     dataset = [{"input_ids": row, "labels": row} for row in data]
     callbacks = [sa.RoseLoraPruner(pm).trainer_callback()] if method == "roselora" else []
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8,
-                                          learning_rate=2e-2, report_to=[], save_strategy="no", use_cpu=True,
-                                          logging_steps=1, disable_tqdm=True)
+                                          learning_rate=2e-2, report_to=[], save_strategy="no",
+                                          use_cpu=device == "cpu", logging_steps=1, disable_tqdm=True)
     trainer = transformers.Trainer(model=pm, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.train()
+    assert next(pm.parameters()).device.type == device  # the Trainer put the model on the device
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 6 and losses[-1] < losses[0]
     if method == "roselora":  # the pruner ran on PEFT's layers: each row of A / column of B kept half its entries
         for row in sa.sparsity_report(pm):
-            assert torch.allclose(row.rows_A, torch.tensor(0.5), atol=0.05) and row.bound_holds
+            assert torch.allclose(row.rows_A.cpu(), torch.tensor(0.5), atol=0.05) and row.bound_holds
     pm.eval()
-    x = ids(seed=5)
+    x = ids(seed=5, device=device)
     adapted = pm(input_ids=x).logits.detach()
 
     pm.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["sparse_adapt"]["method"] == method
-    reloaded_base = pruned_llama()
+    reloaded_base = pruned_llama(device=device)
     reloaded_base.load_state_dict(original)
     reloaded = sap.from_pretrained(reloaded_base, tmp_path / "adapter")
     assert all(m.sparse_adapt_config["default"].method == method for _, m in lora_layers(reloaded))
@@ -170,8 +171,8 @@ def test_trainer_merge_save_reload(method, tmp_path):
     for name, was_zero in zeros.items():
         if method == "roselora":  # LoRA's merge: the update is dense on W's zeros
             continue
-        assert torch.equal(merged.get_submodule(name).weight == 0, was_zero), name
-    moved = [n for n in zeros if not torch.equal(merged.get_submodule(n).weight, original[n + ".weight"])]
+        assert torch.equal(merged.get_submodule(name).weight.cpu() == 0, was_zero), name  # the Trainer moved it
+    moved = [n for n in zeros if not torch.equal(merged.get_submodule(n).weight.cpu(), original[n + ".weight"])]
     assert len(moved) == 14  # every adapted projection changed (the lm_head is not adapted)
 
 
@@ -395,26 +396,26 @@ def test_merge_keeps_a_cancelled_weight_nonzero():
 
 
 @pytest.mark.parametrize("method", ["lors", "sqft"])
-def test_bf16_base_with_fp32_adapters(method):
+def test_bf16_base_with_fp32_adapters(method, device):
     """PEFT keeps adapters in float32 over a bf16 model (autocast_adapter_dtype): the method computes in the base
-    dtype and the fp32 factors get fp32 gradients; under CPU autocast the fp32 model computes in bf16."""
-    pm = sap.get_peft_model(pruned_llama().to(torch.bfloat16), lora_config(), method=method)
+    dtype and the fp32 factors get fp32 gradients; under autocast the fp32 model computes in bf16."""
+    pm = sap.get_peft_model(pruned_llama(device=device).to(torch.bfloat16), lora_config(), method=method)
     layer = pm.base_model.model.model.layers[0].mlp.down_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
     randomize_adapters_(pm)
-    x = ids()
+    x = ids(device=device)
     out = pm(input_ids=x, labels=x)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
     assert layer.lora_B["default"].weight.grad.abs().sum() > 0
 
-    pm32 = sap.get_peft_model(pruned_llama(), lora_config(), method=method)
+    pm32 = sap.get_peft_model(pruned_llama(device=device), lora_config(), method=method)
     randomize_adapters_(pm32)
     seen = []
     hook = pm32.base_model.model.model.layers[0].mlp.down_proj.register_forward_hook(
         lambda m, i, o: seen.append(o.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = pm32(input_ids=x, labels=x).loss
     hook.remove()
     loss.backward()

@@ -46,9 +46,9 @@ def test_wanda_weights_by_activation_norm():
     assert (model[0].weight != 0).tolist() == [[True, False, False, True], [False, False, True, True]]
 
 
-def test_wanda_on_a_transformer_reports_the_achieved_sparsity():
-    lm = tiny_llama()
-    batches = [{"input_ids": torch.randint(0, 96, (2, 8))} for _ in range(2)]
+def test_wanda_on_a_transformer_reports_the_achieved_sparsity(device):
+    lm = tiny_llama().to(device)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 8)).to(device)} for _ in range(2)]
     report = prune.wanda_(lm, batches, "2:4", progress=False)
     assert len(report.sparsity) == 14 and "lm_head" not in report.sparsity
     assert all(s == pytest.approx(0.5) for s in report.sparsity.values())

@@ -13,8 +13,9 @@ from toy_models import make_model
 INPUTS = {"attention": lambda g: torch.randn(2, 5, 32, generator=g), "mlp": lambda g: torch.randn(6, 24, generator=g)}
 
 
-def roselora_model(model_name="attention", **kw):
+def roselora_model(model_name="attention", device="cpu", **kw):
     model, _ = make_model(model_name)
+    model.to(device)
     example = INPUTS[model_name]
     kw.setdefault("sparsity", 0.75)
     kw.setdefault("t_init", 2)
@@ -31,8 +32,9 @@ def train_with_pruner(model, example, steps, pruner=None, seed=0):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.05)
     g = torch.Generator().manual_seed(seed)
-    x = example(g)
-    target = torch.randn(model(x).shape, generator=g)
+    device = next(model.parameters()).device
+    x = example(g).to(device)  # drawn on the CPU: the same numbers on every device
+    target = torch.randn(model(x).shape, generator=g).to(device)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -61,8 +63,8 @@ def test_proposition1_bound_by_hand():
     assert proposition1_bound(torch.tensor([0.1, 0.2]), torch.tensor([0.0, 0.1])) == 0.0
 
 
-def test_pruner_reaches_the_target_sparsity_and_the_bound_holds():
-    model, example = roselora_model()
+def test_pruner_reaches_the_target_sparsity_and_the_bound_holds(device):
+    model, example = roselora_model(device=device)
     pruner, losses = train_with_pruner(model, example, steps=10)
     assert pruner.step_count == 10 and pruner.kept_fraction() == pytest.approx(0.25)
     assert losses[-1] < losses[0]
@@ -79,6 +81,23 @@ def test_pruner_reaches_the_target_sparsity_and_the_bound_holds():
     assert counts.effective < 0.3 * counts.trainable
 
 
+def test_a_pruner_made_before_the_model_moves_prunes_the_moved_model():
+    """Trainer moves the model to the GPU after the callback's pruner was made, and model.to replaces every buffer
+    (parameters keep their objects): the pruner must find the scores and step counts in the layers at each step.
+    The move here is what model.to(device) does to each tensor, on a CPU: a copy."""
+    model, example = roselora_model()
+    pruner = sa.RoseLoraPruner(model, total_steps=8)
+    before = [layer.rose_score_A for _, layer in sa.adapter_layers(model)]
+    model._apply(torch.clone)
+    assert all(layer.rose_score_A is not old for (_, layer), old in zip(sa.adapter_layers(model), before))
+    train_with_pruner(model, example, steps=3, pruner=pruner)
+    assert pruner.step_count == 3
+    for name, layer in sa.adapter_layers(model):
+        assert layer.rose_score_A.abs().sum() > 0, name
+        assert int(layer.rose_step) == 3, name
+        assert (layer.lora_A != 0).sum(1).lt(layer.in_features).all(), f"{name}: not pruned"
+
+
 def test_no_pruning_before_t_init_but_scores_accumulate():
     model, example = roselora_model(t_init=5, t_final=9)
     train_with_pruner(model, example, steps=3)  # the first 3 of a 9-step run
@@ -88,8 +107,8 @@ def test_no_pruning_before_t_init_but_scores_accumulate():
 
 
 @pytest.mark.parametrize("clip", [("frobenius", 0.5), ("elementwise", 0.05)])
-def test_clipping(clip):
-    model, example = roselora_model(clip=clip)
+def test_clipping(clip, device):
+    model, example = roselora_model(clip=clip, device=device)
     train_with_pruner(model, example, steps=4)
     for _, layer in sa.adapter_layers(model):
         for p in (layer.lora_A, layer.lora_B):
@@ -115,15 +134,15 @@ def test_pruner_needs_roselora_and_a_horizon():
         sa.RoseLoraPruner(model).kept_fraction()
 
 
-def test_resume_from_a_saved_adapter_continues_identically(tmp_path):
-    model, example = roselora_model()
+def test_resume_from_a_saved_adapter_continues_identically(tmp_path, device):
+    model, example = roselora_model(device=device)
     reference = copy.deepcopy(model)
     train_with_pruner(reference, example, steps=8)
 
     train_with_pruner(model, example, steps=4)
     sa.save_adapter(model, tmp_path)
     resumed, _ = make_model("attention")
-    sa.load_adapter(resumed, tmp_path)
+    sa.load_adapter(resumed.to(device), tmp_path)
     pruner = sa.RoseLoraPruner(resumed, total_steps=8)
     assert pruner.step_count == 4
     train_with_pruner(resumed, example, steps=4, pruner=pruner)

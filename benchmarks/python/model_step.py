@@ -1,12 +1,17 @@
 """A whole-model training step per method: SmolLM2-135M pruned 2:4 (magnitude), every projection adapted.
 
+With --random-weights ARCH the model is that architecture at random initialisation and the batch is random token ids:
+for timing on a machine without the model files (a lent GPU). Times and memory do not depend on the weights' values;
+ARCH is smollm2-135m (the same shapes as the real model) or llama3.2-1b (Llama-3.2-1B's shapes: 16 layers of
+2048 x 8192, a size that keeps a GPU busy).
+
 Each (method, eager|compiled) runs in a fresh subprocess, so that its process peak RSS is its own. Reported: median
 step time (forward + backward + AdamW), the bytes saved for backward by one step (exact, activations only: every
 saved storage that is not a parameter or buffer), peak RSS of the process on the CPU and max_memory_allocated on
 CUDA -- each also as a ratio to plain LoRA measured in the same run.
 
     python benchmarks/python/model_step.py [--device cpu] [--threads 2] [--methods lora,lors,...] [--compile]
-                                           [--json build/bench/model-cpu.json]
+                                           [--json build/bench/model-cpu.json] [--random-weights ARCH]
 """
 
 import argparse
@@ -22,26 +27,58 @@ from pathlib import Path
 import torch
 
 METHODS = ["lora", "sqft", "sqft_gc", "spp", "spp_gc", "lors"]
+# Llama-architecture shapes for --random-weights (the published configs' sizes; nothing is downloaded).
+ARCHS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+def random_model(arch: str, device: str, batch_size: int, seq_len: int):
+    """(model, batch): `arch` at random initialisation, made on `device`, and a batch of random token ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**ARCHS[arch], max_position_embeddings=max(2048, seq_len))
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(3))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def real_model(batch_size: int, seq_len: int):
+    """(model, batch): SmolLM2-135M-Instruct and a batch of the shipped Wikipedia summaries."""
+    from sparse_adapt.assets import models
+    from sparse_adapt.assets import text as data
+    from sparse_adapt.lm import lm_batches
+
+    model, tokenizer = models.load_smollm2()
+    texts, _ = data.wiki_split(batch_size, 0, seed=3)
+    return model, lm_batches(tokenizer, texts, batch_size, seq_len)[0]
 
 
 def worker(args) -> dict:
     import sparse_adapt as sa
-    from sparse_adapt.assets import models
-    from sparse_adapt.assets import text as data
     from sparse_adapt.memory import SavedBytes
-    from sparse_adapt.pipeline import lm_batches
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    model, tokenizer = models.load_smollm2()
+    if args.random_weights:
+        model, batch = random_model(args.random_weights, args.device, args.batch_size, args.seq_len)
+    else:
+        model, batch = real_model(args.batch_size, args.seq_len)
     sa.prune.magnitude_(model, "2:4", progress=False)
     sa.inject(model, sa.SparseLoraConfig(method=args.worker, r=args.rank, alpha=2 * args.rank))
     model.to(args.device).train()
-    texts, _ = data.wiki_split(args.batch_size, 0, seed=3)
-    batch = {k: v.to(args.device) for k, v in lm_batches(tokenizer, texts, args.batch_size, args.seq_len)[0].items()}
+    batch = {k: v.to(args.device) for k, v in batch.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    forward = torch.compile(model) if args.compiled else model
+    compiled = torch.compile(model) if args.compiled else model
+
+    def forward(**kw):  # under autocast with --bf16: what Trainer(bf16=True) does
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+            return compiled(**kw)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -99,6 +136,9 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--bf16", action="store_true", help="train under torch.autocast(bfloat16), fp32 weights")
+    p.add_argument("--random-weights", choices=sorted(ARCHS), default=None,
+                   help="this architecture at random initialisation, on random token ids (no model files needed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--compiled", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -112,6 +152,8 @@ def main():
                 f"--{k}={v}" for k, v in (("device", args.device), ("threads", args.threads), ("rank", args.rank),
                                           ("batch-size", args.batch_size), ("seq-len", args.seq_len),
                                           ("reps", args.reps))]
+            cmd += [f"--random-weights={args.random_weights}"] if args.random_weights else []
+            cmd += ["--bf16"] if args.bf16 else []
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode or not result:
@@ -119,7 +161,10 @@ def main():
             rows.append(json.loads(result[0][len("RESULT "):]))
             print(f"{method:8s} {'compiled' if compiled else 'eager':8s} {rows[-1]['step_s']:.3f} s/step", flush=True)
     meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__, "rank": args.rank,
-            "batch_size": args.batch_size, "seq_len": args.seq_len}
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "autocast": "bf16" if args.bf16 else None,
+            "model": f"{args.random_weights} (random weights)" if args.random_weights else "smollm2-135m"}
+    if args.device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name(0)
     print(table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -404,7 +404,8 @@ def subject_representations(model: nn.Module, tokenizer, subjects: Sequence[str]
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _StopForward:
                 pass
-            h = captured[0][torch.arange(len(seqs), device=device), torch.tensor([len(q) - 1 for q in seqs])]
+            last = torch.tensor([len(q) - 1 for q in seqs], device=device)
+            h = captured[0][torch.arange(len(seqs), device=device), last]
             out.append(torch.nn.functional.normalize(h.float(), dim=-1).cpu())
     finally:
         handle.remove()

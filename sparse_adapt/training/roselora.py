@@ -56,11 +56,13 @@ class RoseLoraPruner:
             raise ValueError(f"the roselora adapters are at different pruning steps ({sorted(set(steps.tolist()))}); "
                              f"were they loaded from different checkpoints?")
         self._step = int(steps[0])
-        # What every step passes to ema_topk_multi_, gathered once: (layer name, param, score, dim) per matrix.
-        self._matrices = [(name, param, score, dim) for name, layer in self.layers
-                          for param, score, dim in ((layer.lora_A, layer.rose_score_A, 1),
-                                                    (layer.lora_B, layer.rose_score_B, 0))]
-        self._steps = [layer.rose_step for _, layer in self.layers]
+
+    def _matrices(self) -> List[Tuple[str, torch.Tensor, torch.Tensor, int]]:
+        """(layer name, param, score, dim) per matrix: what every step passes to ema_topk_multi_. Read from the
+        layers at each step, never kept: moving the model (``model.to``, or a Trainer placing it on the GPU after
+        the pruner was made) replaces its buffers, and kept references would go on pruning with stale CPU scores."""
+        return [(name, param, score, dim) for name, layer in self.layers
+                for param, score, dim in ((layer.lora_A, layer.rose_score_A, 1), (layer.lora_B, layer.rose_score_B, 0))]
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -102,16 +104,17 @@ class RoseLoraPruner:
     @torch.no_grad()
     def step(self) -> float:
         """Advance the schedule one step and prune every adapter; returns the kept fraction used."""
-        grads = [param.grad for _, param, _, _ in self._matrices]
+        matrices = self._matrices()
+        grads = [param.grad for _, param, _, _ in matrices]
         if any(g is None for g in grads):
-            missing = sorted({name for (name, _, _, _), g in zip(self._matrices, grads) if g is None})
+            missing = sorted({name for (name, _, _, _), g in zip(matrices, grads) if g is None})
             raise RuntimeError(f"{missing[:3]}: lora_A/lora_B have no gradient; call pruner.step() after "
                                f"optimizer.step() and before optimizer.zero_grad()")
         t = self._step + 1
         fraction = self.kept_fraction(t)
         counts = {}  # k per slice length
         params, scores, ks, dims, sharded = [], [], [], [], []
-        for (_, param, score, dim), grad in zip(self._matrices, grads):
+        for (_, param, score, dim), grad in zip(matrices, grads):
             n = param.shape[dim]
             if n not in counts:
                 counts[n] = kept_count(fraction, n)
@@ -132,7 +135,7 @@ class RoseLoraPruner:
         self._clip(params)
         for param, value in sharded:
             assign_(param, value)
-        torch._foreach_add_(self._steps, 1)
+        torch._foreach_add_([layer.rose_step for _, layer in self.layers], 1)
         self._step = t
         return fraction
 
