@@ -42,6 +42,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from .adapters import Method, SparseLoraConfig, config_for, get_method, gradient_svd_init_, method_names
+from .adapters.method import keep_state_float32
 
 #: The PEFT versions this module is tested with (tests/test_peft.py); older ones are refused.
 PEFT_MIN_VERSION = "0.18.0"
@@ -171,6 +172,16 @@ class _Weights:
         self.weight, self.bias = weight, bias
 
 
+class _MethodState(nn.Module):
+    """Holds one adapter's method state (its buffers); like SparseLoraLinear, it keeps them float32 when the model
+    is moved to another dtype."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_state_float32(self, list(self._buffers))
+        return self
+
+
 class PeftAdapter:
     """One adapter of a :class:`SparseLoraPeftLinear`, with the attributes a method record reads (the same ones as
     a ``SparseLoraLinear``): its record's forward, update, merge and state all work on it, and so do
@@ -241,7 +252,7 @@ class PeftAdapter:
     def register_buffer(self, name: str, tensor: Tensor) -> None:
         state = self._layer.sparse_adapt_state
         if self.adapter not in state:
-            state[self.adapter] = nn.Module()
+            state[self.adapter] = _MethodState()
         state[self.adapter].register_buffer(name, tensor)
 
     def __getattr__(self, name: str):

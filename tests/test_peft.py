@@ -424,6 +424,19 @@ def test_bf16_base_with_fp32_adapters(method, device):
     assert grad.dtype == torch.float32 and grad.abs().sum() > 0
 
 
+def test_roselora_state_stays_float32_when_the_peft_model_moves_to_bf16():
+    pm = sap.get_peft_model(pruned_llama(), lora_config(), method="roselora", sparsity=0.5, t_final=3)
+    randomize_adapters_(pm)  # B != 0: with B = 0 every score |w·g| is 0 at the first step
+    pm.to(torch.bfloat16)
+    _, site = next(sa.adapter_sites(pm))
+    assert site.lora_A.dtype == torch.bfloat16 and site.rose_score_A.dtype == torch.float32
+    pruner = sa.RoseLoraPruner(pm, total_steps=3)
+    x = ids()
+    pm(input_ids=x, labels=x).loss.backward()
+    pruner.step()
+    assert pruner.step_count == 1 and site.rose_score_A.abs().sum() > 0
+
+
 def test_adapters_in_the_base_dtype_without_autocast_adapter_dtype():
     """PEFT's autocast_adapter_dtype=False leaves the adapters of a bf16 model in bf16; the method runs in bf16."""
     pm = sap.get_peft_model(pruned_llama().to(torch.bfloat16), lora_config(), method="lors",

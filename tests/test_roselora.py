@@ -1,6 +1,7 @@
 """RoseLoRA's training utilities: the cubic schedule, the pruner, clipping, Proposition 1, resume, Trainer."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -96,6 +97,22 @@ def test_a_pruner_made_before_the_model_moves_prunes_the_moved_model():
         assert layer.rose_score_A.abs().sum() > 0, name
         assert int(layer.rose_step) == 3, name
         assert (layer.lora_A != 0).sum(1).lt(layer.in_features).all(), f"{name}: not pruned"
+
+
+def test_moving_the_model_to_bf16_keeps_the_scores_float32():
+    """model.to(torch.bfloat16) converts every floating-point buffer; RoseLoRA's EMA scores stay float32 (the pruning
+    op accumulates them in float32 and refuses any other dtype), so a bf16 model trains with its pruner."""
+    model, example = roselora_model()
+    model.to(torch.bfloat16)
+    for _, layer in sa.adapter_layers(model):
+        assert layer.lora_A.dtype == torch.bfloat16 and layer.base_layer.weight.dtype == torch.bfloat16
+        assert layer.rose_score_A.dtype == layer.rose_score_B.dtype == torch.float32
+        assert layer.rose_step.dtype == torch.long
+    pruner, losses = train_with_pruner(model, lambda g: example(g).bfloat16(), steps=3)
+    assert pruner.step_count == 3 and all(math.isfinite(v) for v in losses)
+    assert all(layer.rose_score_A.abs().sum() > 0 for _, layer in sa.adapter_layers(model))
+    model.float()  # and back: the scores were float32 all along, nothing is lost
+    assert all(layer.rose_score_A.abs().sum() > 0 for _, layer in sa.adapter_layers(model))
 
 
 def test_no_pruning_before_t_init_but_scores_accumulate():

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..distributed import unwrap
 from .config import SparseLoraConfig
-from .method import Method, get_method
+from .method import Method, get_method, keep_state_float32
 
 
 class SparseLoraLinear(nn.Module):
@@ -66,6 +66,12 @@ class SparseLoraLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         return self.record.forward(self, x)
+
+    def _apply(self, fn, recurse=True):
+        # model.to / .half() / .bfloat16() move the method's state with the model but leave it float32
+        super()._apply(fn, recurse)
+        keep_state_float32(self, self.record.state_names)
+        return self
 
     def get_delta_weight(self) -> Tensor:
         """The dense (out, in) update this adapter adds to the base weight (what merge folds in)."""

@@ -11,7 +11,7 @@ Adding a method is one subclass and one :func:`register_method` call (see ``buil
 """
 
 import math
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,8 @@ class Method:
     inits: Tuple[str, ...] = INITS
     inits_note: str = ""  # why, when some inits are refused
     preferred_init: str = "zeros_B"
-    #: extra tensors (buffers) an adapter of this method carries, saved with it so that training can resume
+    #: extra tensors (buffers) an adapter of this method carries, saved with it so that training can resume; a
+    #: floating-point one stays float32 whatever dtype the model is moved to (keep_state_float32)
     state_names: Tuple[str, ...] = ()
 
     # ---------------------------------------------------------------------------------------------- shapes, init
@@ -127,3 +128,13 @@ def config_for(method: str, **fields) -> "object":
 def unregister_method(name: str) -> Method:
     """Remove a method registered earlier (the built-in ones too); returns its record."""
     return _REGISTRY.pop(get_method(name).name)
+
+
+def keep_state_float32(module: nn.Module, names: Iterable[str]) -> None:
+    """Convert the named floating-point buffers of `module` back to float32: ``model.to(dtype)``, ``.half()`` and
+    ``.bfloat16()`` convert every floating-point buffer, but a method's state is accumulated in float32 (RoseLoRA's
+    EMA scores, which ``ema_topk_`` refuses in any other dtype). Called after ``nn.Module._apply``."""
+    for name in names:
+        buf = module._buffers.get(name)
+        if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+            module._buffers[name] = buf.float()
