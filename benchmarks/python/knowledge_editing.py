@@ -139,6 +139,7 @@ def main():
         f"| {r['relation']} " + edit.results_table([edit.EditMetrics(**r["metrics"])]).splitlines()[-1]
         for r in rows])
     c = edit.EditConfig()
+    layers = "every decoder layer" if c.layers is None else f"decoder layers {c.layers[0]}-{c.layers[1]}"
     text = f"""# Knowledge editing: SmolLM2-135M-Instruct, counterfactual countryinfo facts
 
 Known facts (whole answer = greedy continuation): {", ".join(f"{k} {len(v)}" for k, v in known.items())}.
@@ -146,8 +147,7 @@ Each edit moves a known country's fact to another known country's; rephrasings a
 relation (each one the unedited model answers right for at least half its known facts); neighbours (strict
 locality) are up to 20 (8 per edit in the batch) other known countries of the same relation, held out from the
 editor, which sees only the edit request and generic text. Default `EditConfig`: {c.steps} steps of Adam at lr
-{c.lr} (up to {c.extra_steps} more for an edit that has not held), r={c.r} on `mlp.down_proj` of decoder layers
-{c.layers}, KL weight
+{c.lr} (up to {c.extra_steps} more for an edit that has not held), r={c.r} on `mlp.down_proj` of {layers}, KL weight
 {c.preserve} on {c.neighbors} neighbour prompts per edit (the edit's template filled with Wikipedia titles,
 {c.similar_neighbors:.0%} of them those the model represents most like the edit's subject, never one the edit is
 measured on; in a batch each edit also holds {c.neighbors} of the other edits', drawn per step; all against the
