@@ -12,8 +12,9 @@
 #                    there too, under an emulator with ASan and TSan)
 #   make sass        what the CUDA kernels compile to (registers, spills, load/store widths), no GPU needed;
 #                    writes benchmarks/results/cuda-static.md
-#   make gpu-check   on a machine with a GPU and no network: build for its arch, every CUDA test, compute-sanitizer,
-#                    the layer benchmark at Llama-3-8B shapes, ema_topk_; results under $$OUT (scripts/gpu_check.py)
+#   make gpu-check   on a machine with a GPU and no network: build for its arch, every CUDA test (op and model
+#                    suites), compute-sanitizer, the layer benchmark at Llama-3-8B shapes, ema_topk_, a whole-model
+#                    step at Llama-3.2-1B shapes; results under $$OUT (scripts/gpu_check.py)
 #   make bench       the benchmarks (BENCH_DEVICE=cpu|cuda): every method on one layer (C++) and on the whole
 #                    model (Python, eager and compiled), RoseLoRA on SmolLM2, gradient-SVD vs zeros init,
 #                    knowledge editing;
