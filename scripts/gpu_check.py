@@ -85,6 +85,12 @@ def xdist_workers():
     return "-n 6 "
 
 
+def cuda_tests(files, collect_only=False):
+    """The pytest command that runs (or, for a dry run, only collects) every CUDA case of `files`."""
+    how = "--collect-only " if collect_only else xdist_workers()
+    return f"{PY} -m pytest -q -m cuda {how}-p no:cacheprovider " + " ".join(files)
+
+
 def plan(out, arch, jobs):
     build_env = f"TORCH_CUDA_ARCH_LIST={arch} SPARSE_ADAPT_CUDA=1"
     cpp = ROOT / "build" / "gpu-cpp"  # not under out: only a few result files travel back
@@ -110,9 +116,8 @@ def plan(out, arch, jobs):
               f"{PY} -c 'import sparse_adapt as sa; assert sa.has_cuda_kernels(), \"no CUDA kernels\"'"],
              timeout=300),
         Step("tests", "every CUDA test of the op suites; every error test",
-             [f"{PY} -m pytest -q -m cuda {xdist_workers()}-p no:cacheprovider " + " ".join(OP_TESTS),
-              f"{PY} -m pytest -q -p no:cacheprovider tests/test_errors.py"], timeout=200,
-             dry_commands=[f"{PY} -m pytest -q -m cuda --collect-only -p no:cacheprovider " + " ".join(OP_TESTS)]),
+             [cuda_tests(OP_TESTS), f"{PY} -m pytest -q -p no:cacheprovider tests/test_errors.py"], timeout=200,
+             dry_commands=[cuda_tests(OP_TESTS, collect_only=True)]),
         Step("sanitizer", "compute-sanitizer memcheck + racecheck over the C++ op tests on CUDA"
              + ("" if san else " -- compute-sanitizer not found on this machine"), sanitizer_cmds, timeout=120),
         Step("layer", "bench_layer: bf16, Llama-3-8B shapes, 2048 tokens, r = 16, 64, every method; merge bandwidth",
@@ -126,9 +131,7 @@ def plan(out, arch, jobs):
              dry_commands=[f"{PY} benchmarks/cuda_static.py --out {out}"]),
         Step("models", "every CUDA test of the model-level suites: adapters, RoseLoRA, Trainer, PEFT, init, "
              "pruning, compile, editing",
-             [f"{PY} -m pytest -q -m cuda {xdist_workers()}-p no:cacheprovider " + " ".join(MODEL_TESTS)],
-             timeout=240,
-             dry_commands=[f"{PY} -m pytest -q -m cuda --collect-only -p no:cacheprovider " + " ".join(MODEL_TESTS)]),
+             [cuda_tests(MODEL_TESTS)], timeout=240, dry_commands=[cuda_tests(MODEL_TESTS, collect_only=True)]),
         Step("model-step", "model_step.py: every method, whole model, bf16 autocast, Llama-3.2-1B shapes (random "
              "weights), 4 x 512 tokens, r = 16",
              [f"{PY} benchmarks/python/model_step.py --device cuda --random-weights llama3.2-1b --bf16 --batch-size 4 "
