@@ -17,7 +17,9 @@ the same method record (``sparse_adapt/adapters/builtin_methods.py``) that ``sa.
 - ``lora``: PEFT's own path, untouched.
 
 The method goes into ``adapter_config.json`` (a ``sparse_adapt`` entry), which is where :func:`from_pretrained`
-finds it. The adapter weights file is PEFT's, tensor for tensor. Plain ``peft.PeftModel.from_pretrained`` still
+finds it. The adapter weights file is PEFT's, tensor for tensor, plus a method's state (RoseLoRA's scores and
+pruning step, under the layer's ``lora_sparse_adapt_state``), which :func:`from_pretrained` and Trainer's resume
+restore. Plain ``peft.PeftModel.from_pretrained`` still
 reads the directory (it warns that it ignores the ``sparse_adapt`` entry) but computes LoRA's unmasked function:
 for LoRS and SQFT that is a different model. Ship the merged model (``merge_and_unload()``), which is exact.
 
@@ -50,6 +52,12 @@ TESTED_PEFT_VERSIONS = ("0.18.0", "0.19.1", "0.20.0", "0.21.2")
 
 #: What each saved adapter_config.json carries under "sparse_adapt" (bumped when its meaning changes).
 FORMAT = 1
+
+# The layer attribute (a ModuleDict keyed by adapter) holding each adapter's method state, e.g. RoseLoRA's scores
+# and step. Its "lora_" prefix is PEFT's mark of what belongs to an adapter: save_pretrained writes it into the
+# adapter file and load_adapter (Trainer's resume) inserts the adapter name back into its keys, in every tested
+# PEFT version; from_pretrained / load_adapter below restore it after binding the method.
+_STATE = "lora_sparse_adapt_state"
 
 
 def _version_tuple(v: str):
@@ -248,9 +256,9 @@ class PeftAdapter:
     def exact_grad(self) -> bool:
         return self.config.exact_grad
 
-    # a method's extra state (RoseLoRA's scores and step) lives in the layer's sparse_adapt_state[adapter]
+    # a method's extra state (RoseLoRA's scores and step) lives in the layer's lora_sparse_adapt_state[adapter]
     def register_buffer(self, name: str, tensor: Tensor) -> None:
-        state = self._layer.sparse_adapt_state
+        state = self._layer.lora_sparse_adapt_state
         if self.adapter not in state:
             state[self.adapter] = _MethodState()
         state[self.adapter].register_buffer(name, tensor)
@@ -258,7 +266,7 @@ class PeftAdapter:
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        state = self._layer.sparse_adapt_state
+        state = self._layer.lora_sparse_adapt_state
         if self.adapter in state and name in state[self.adapter]._buffers:
             return state[self.adapter]._buffers[name]
         raise AttributeError(f"adapter {self.adapter!r} of {self.name} has no {name!r}")
@@ -287,8 +295,8 @@ class SparseLoraPeftLinear(_PeftLoraLinear):
         if "sparse_adapt_config" not in self.__dict__:
             self.sparse_adapt_config: Dict[str, SparseLoraConfig] = {}
             self.sparse_adapt_names: Dict[str, str] = {}
-        if "sparse_adapt_state" not in self._modules:
-            self.sparse_adapt_state = nn.ModuleDict()
+        if _STATE not in self._modules:
+            self.lora_sparse_adapt_state = nn.ModuleDict()
 
     def sparse_adapt_bind(self, adapter: str, config: SparseLoraConfig, name: str) -> None:
         """Make `adapter` run `config.method` (called by get_peft_model / from_pretrained, after PEFT made it)."""
@@ -299,8 +307,8 @@ class SparseLoraPeftLinear(_PeftLoraLinear):
         record.check_layer(name, self.out_features, self.in_features, config.r)
         self.sparse_adapt_config[adapter] = config
         self.sparse_adapt_names[adapter] = name
-        if adapter in self.sparse_adapt_state:
-            del self.sparse_adapt_state[adapter]
+        if adapter in self.lora_sparse_adapt_state:
+            del self.lora_sparse_adapt_state[adapter]
         record.init_state(PeftAdapter(self, adapter))
 
     def _bound(self, adapter: str) -> bool:
@@ -320,8 +328,8 @@ class SparseLoraPeftLinear(_PeftLoraLinear):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if "sparse_adapt_state" in self._modules and adapter_name in self.sparse_adapt_state:
-            del self.sparse_adapt_state[adapter_name]
+        if _STATE in self._modules and adapter_name in self.lora_sparse_adapt_state:
+            del self.lora_sparse_adapt_state[adapter_name]
 
     # ----------------------------------------------------------------------------------------------- compute
 
@@ -494,6 +502,30 @@ def _read_config(path: Union[str, os.PathLike]) -> SparseAdaptLoraConfig:
     return SparseAdaptLoraConfig(**{k: v for k, v in saved.items() if k in known})
 
 
+def _restore_state(peft_model: "peft.PeftModel", path: Union[str, os.PathLike], adapter_name: str) -> None:
+    """Put the method state saved in the adapter file (RoseLoRA's scores and pruning step) back into the layers
+    of `adapter_name`, which binding the method has just initialised: training resumes where it stopped. A file
+    saved without it (a PEFT version that did not write it) leaves the fresh state."""
+    from peft.utils import load_peft_weights
+
+    marker = f".{_STATE}."
+    saved = {k: v for k, v in load_peft_weights(str(path), device="cpu").items() if marker in k}
+    if not saved:
+        return
+    buffers = dict(peft_model.named_buffers())
+    for key, value in saved.items():
+        head, _, name = key.rpartition(".")
+        target = f"{head}.{adapter_name}.{name}"
+        if target not in buffers:
+            raise ValueError(f"{path}: the adapter file holds method state {key!r} that the model has no place for "
+                             f"(was it saved from a different model or method?)")
+        if buffers[target].shape != value.shape:
+            raise ValueError(f"{path}: method state {key!r} has shape {tuple(value.shape)}, the model's "
+                             f"{tuple(buffers[target].shape)}")
+        with torch.no_grad():
+            buffers[target].copy_(value)
+
+
 def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default",
                     is_trainable: bool = False, **kwargs: Any) -> "peft.PeftModel":
     """``peft.PeftModel.from_pretrained(model, path)`` for a directory saved from a model of
@@ -502,7 +534,8 @@ def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     config.inference_mode = not is_trainable
     peft_model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name,
                                                 is_trainable=is_trainable, config=config, **kwargs)
-    return _bind_or_undo(peft_model, adapter_name, fresh=True)
+    return _bind_or_undo(peft_model, adapter_name, fresh=True,
+                         then=lambda: _restore_state(peft_model, path, adapter_name))
 
 
 def load_adapter(peft_model: "peft.PeftModel", path: Union[str, os.PathLike], adapter_name: str,
@@ -517,6 +550,7 @@ def load_adapter(peft_model: "peft.PeftModel", path: Union[str, os.PathLike], ad
 
     def load():
         peft_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+        _restore_state(peft_model, path, adapter_name)
         if is_trainable and hasattr(peft_model, "set_requires_grad"):
             peft_model.set_requires_grad(adapter_name)
 

@@ -63,7 +63,10 @@ def test_peft_classes_names_and_parameter_count(method, capsys):
     layers = lora_layers(ours)
     assert len(layers) == 14 and all(isinstance(m, sap.SparseLoraPeftLinear) for _, m in layers)
     assert all(isinstance(m, peft.tuners.lora.Linear) for _, m in layers)
-    assert {k for k in ours.state_dict() if "lora_" in k} == {k for k in plain.state_dict() if "lora_" in k}
+    mine, theirs = ({k for k in m.state_dict() if "lora_" in k} for m in (ours, plain))
+    assert theirs <= mine  # PEFT's names; and a method's state (RoseLoRA's scores and step) where it has one
+    assert all(".lora_sparse_adapt_state.default." in k for k in mine - theirs)
+    assert len(mine - theirs) == (3 * 14 if method == "roselora" else 0)
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
         [n for n, p in plain.named_parameters() if p.requires_grad]
     ours.print_trainable_parameters()
@@ -174,6 +177,50 @@ def test_trainer_merge_save_reload(method, tmp_path, device):
         assert torch.equal(merged.get_submodule(name).weight.cpu() == 0, was_zero), name  # the Trainer moved it
     moved = [n for n in zeros if not torch.equal(merged.get_submodule(n).weight.cpu(), original[n + ".weight"])]
     assert len(moved) == 14  # every adapted projection changed (the lm_head is not adapted)
+
+
+def _roselora_trainer(pm, data, out, max_steps, seed=0):
+    dataset = [{"input_ids": row, "labels": row} for row in data]
+    args = transformers.TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=16,
+                                          learning_rate=2e-2, report_to=[], save_strategy="steps", save_steps=3,
+                                          use_cpu=True, logging_strategy="no", disable_tqdm=True, seed=seed)
+    return transformers.Trainer(model=pm, args=args, train_dataset=dataset,
+                                callbacks=[sa.RoseLoraPruner(pm).trainer_callback()])
+
+
+def roselora_state(model):
+    return {n.replace(".default", ""): b for n, b in model.named_buffers() if "rose_" in n}
+
+
+@pytest.mark.slow
+def test_roselora_state_round_trips_and_trainer_resumes_through_peft(tmp_path):
+    """RoseLoRA's scores and pruning step are in PEFT's adapter file: sap.from_pretrained brings them back, and
+    Trainer resuming from a checkpoint (PEFT's own load_adapter) continues the schedule where it stopped -- the
+    run ends with the adapters and masks of an uninterrupted one."""
+    from peft.utils import load_peft_weights
+
+    data = ids(seed=3, batch=16, length=12)
+    torch.manual_seed(0)
+    whole = sap.get_peft_model(pruned_llama(), lora_config(), method="roselora", sparsity=0.5, t_init=1)
+    _roselora_trainer(whole, data, tmp_path / "whole", 6).train()
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+
+    saved = {k.replace(".lora_sparse_adapt_state", ".lora_sparse_adapt_state"): v
+             for k, v in load_peft_weights(str(checkpoint)).items() if "rose_" in k}
+    reloaded = roselora_state(sap.from_pretrained(pruned_llama(), checkpoint, is_trainable=True))
+    assert saved.keys() == reloaded.keys() and len(saved) == 3 * 14  # scores of A and B and the step, 14 layers
+    assert all(torch.equal(saved[k], v) for k, v in reloaded.items())
+    assert all(int(v) == 3 for k, v in reloaded.items() if k.endswith("rose_step"))
+    assert all(v.abs().sum() > 0 for k, v in reloaded.items() if "score" in k)
+
+    torch.manual_seed(1)  # other adapters: the resume must load the checkpoint's
+    resumed = sap.get_peft_model(pruned_llama(), lora_config(), method="roselora", sparsity=0.5, t_init=1)
+    _roselora_trainer(resumed, data, tmp_path / "resumed", 6).train(resume_from_checkpoint=str(checkpoint))
+    assert sa.RoseLoraPruner(resumed).step_count == 6
+    for (name, a), (_, b) in zip(sa.adapter_sites(whole), sa.adapter_sites(resumed)):
+        assert torch.equal(a.lora_A != 0, b.lora_A != 0), name
+        torch.testing.assert_close(b.lora_A, a.lora_A, msg=name)
+        torch.testing.assert_close(b.lora_B, a.lora_B, msg=name)
 
 
 def test_adapter_file_is_pefts(tmp_path):

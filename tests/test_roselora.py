@@ -187,3 +187,34 @@ def test_trainer_callback(tmp_path):
     assert pruner.total_steps == 6 and pruner.step_count == 6
     for _, layer in sa.adapter_layers(lm):
         assert (layer.lora_A != 0).sum(1).eq(kept_count(0.5, layer.in_features)).all()
+
+
+@pytest.mark.slow
+def test_trainer_resume_continues_the_schedule(tmp_path):
+    """Trainer resuming from a checkpoint loads the layers' step after the pruner's callback was made; the callback
+    reads it again when training begins, so the run ends as an uninterrupted one (masks and adapters)."""
+    transformers = pytest.importorskip("transformers")
+    from toy_models import tiny_llama
+
+    ids = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+
+    def run(seed, out, resume=None):
+        torch.manual_seed(seed)
+        lm = tiny_llama()
+        sa.inject(lm, sa.RoseLoraConfig(r=4, sparsity=0.5, t_init=1, target_modules="all-linear"))
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / out), max_steps=6, learning_rate=1e-2,
+                                              per_device_train_batch_size=8, report_to=[], save_strategy="steps",
+                                              save_steps=3, use_cpu=True, logging_strategy="no", disable_tqdm=True)
+        pruner = sa.RoseLoraPruner(lm)
+        transformers.Trainer(model=lm, args=args, train_dataset=dataset,
+                             callbacks=[pruner.trainer_callback()]).train(resume_from_checkpoint=resume)
+        return lm, pruner
+
+    whole, _ = run(0, "whole")
+    resumed, pruner = run(0, "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert pruner.step_count == 6
+    for (n, a), (_, b) in zip(sa.adapter_layers(whole), sa.adapter_layers(resumed)):
+        assert torch.equal(a.lora_A != 0, b.lora_A != 0), n
+        torch.testing.assert_close(b.lora_A, a.lora_A, msg=n)
+        torch.testing.assert_close(b.lora_B, a.lora_B, msg=n)

@@ -35,8 +35,9 @@ class RoseLoraPruner:
 
     ``total_steps`` is the length of training; the schedule's ``t_final`` defaults to it. The step count and the
     scores live in the adapter layers (``rose_step``, ``rose_score_A``, ``rose_score_B``), so they are saved and
-    restored with the adapter and training resumes where it stopped: the pruner reads the step once, when it is
-    created (create it after ``sa.load_adapter``), and from then on never waits for the GPU -- one
+    restored with the adapter and training resumes where it stopped: the pruner reads the step when it is created
+    (create it after ``sa.load_adapter``, or call :meth:`sync_step`; its Trainer callback does when training
+    begins, after a resume loaded the checkpoint), and from then on never waits for the GPU -- one
     ``ema_topk_multi_`` call prunes every matrix, and clipping runs as foreach ops.
     """
 
@@ -51,11 +52,18 @@ class RoseLoraPruner:
             raise TypeError("roselora adapters need a RoseLoraConfig")
         self.config = config
         self.total_steps = total_steps
+        self.sync_step()
+
+    def sync_step(self) -> int:
+        """Read the pruning step from the layers again (once: it waits for the GPU): after their state was loaded
+        from a checkpoint into the model this pruner already prunes -- what Trainer's resume does after the
+        pruner's callback was made, so the callback calls this when training begins."""
         steps = torch.stack([layer.rose_step.detach().cpu() for _, layer in self.layers])
         if not bool((steps == steps[0]).all()):
             raise ValueError(f"the roselora adapters are at different pruning steps ({sorted(set(steps.tolist()))}); "
                              f"were they loaded from different checkpoints?")
         self._step = int(steps[0])
+        return self._step
 
     def _matrices(self) -> List[Tuple[str, torch.Tensor, torch.Tensor, int]]:
         """(layer name, param, score, dim) per matrix: what every step passes to ema_topk_multi_. Read from the
@@ -164,6 +172,7 @@ class RoseLoraPruner:
             def on_train_begin(self, args, state, control, **kwargs):
                 if pruner.total_steps is None:
                     pruner.total_steps = state.max_steps
+                pruner.sync_step()  # a resumed run has just loaded the checkpoint's step into the layers
 
             def on_optimizer_step(self, args, state, control, **kwargs):
                 pruner.step()
