@@ -179,11 +179,11 @@ def test_trainer_merge_save_reload(method, tmp_path, device):
     assert len(moved) == 14  # every adapted projection changed (the lm_head is not adapted)
 
 
-def _roselora_trainer(pm, data, out, max_steps, seed=0):
+def _roselora_trainer(pm, data, out, max_steps):
     dataset = [{"input_ids": row, "labels": row} for row in data]
     args = transformers.TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=16,
                                           learning_rate=2e-2, report_to=[], save_strategy="steps", save_steps=3,
-                                          use_cpu=True, logging_strategy="no", disable_tqdm=True, seed=seed)
+                                          use_cpu=True, logging_strategy="no", disable_tqdm=True)
     return transformers.Trainer(model=pm, args=args, train_dataset=dataset,
                                 callbacks=[sa.RoseLoraPruner(pm).trainer_callback()])
 
@@ -205,8 +205,7 @@ def test_roselora_state_round_trips_and_trainer_resumes_through_peft(tmp_path):
     _roselora_trainer(whole, data, tmp_path / "whole", 6).train()
     checkpoint = tmp_path / "whole" / "checkpoint-3"
 
-    saved = {k.replace(".lora_sparse_adapt_state", ".lora_sparse_adapt_state"): v
-             for k, v in load_peft_weights(str(checkpoint)).items() if "rose_" in k}
+    saved = {k: v for k, v in load_peft_weights(str(checkpoint)).items() if "rose_" in k}
     reloaded = roselora_state(sap.from_pretrained(pruned_llama(), checkpoint, is_trainable=True))
     assert saved.keys() == reloaded.keys() and len(saved) == 3 * 14  # scores of A and B and the step, 14 layers
     assert all(torch.equal(saved[k], v) for k, v in reloaded.items())

@@ -55,9 +55,9 @@ class RoseLoraPruner:
         self.sync_step()
 
     def sync_step(self) -> int:
-        """Read the pruning step from the layers again (once: it waits for the GPU): after their state was loaded
-        from a checkpoint into the model this pruner already prunes -- what Trainer's resume does after the
-        pruner's callback was made, so the callback calls this when training begins."""
+        """Read the pruning step from the layers again (a wait for the GPU): needed when their state was loaded
+        from a checkpoint after this pruner was made, as Trainer's resume does after the pruner's callback was
+        made -- so the callback calls this when training begins."""
         steps = torch.stack([layer.rose_step.detach().cpu() for _, layer in self.layers])
         if not bool((steps == steps[0]).all()):
             raise ValueError(f"the roselora adapters are at different pruning steps ({sorted(set(steps.tolist()))}); "
