@@ -504,7 +504,8 @@ def _read_config(path: Union[str, os.PathLike]) -> SparseAdaptLoraConfig:
 
 def _restore_state(peft_model: "peft.PeftModel", path: Union[str, os.PathLike], adapter_name: str) -> None:
     """Put the method state saved in the adapter file (RoseLoRA's scores and pruning step) back into the layers
-    of `adapter_name`, which binding the method has just initialised: training resumes where it stopped. A file
+    of `adapter_name`, which binding the method has just initialised: training resumes where it stopped. (PEFT's
+    load cannot: in from_pretrained it runs before the binding creates the state.) A file
     saved without it (a PEFT version that did not write it) leaves the fresh state."""
     from peft.utils import load_peft_weights
 
@@ -549,8 +550,8 @@ def load_adapter(peft_model: "peft.PeftModel", path: Union[str, os.PathLike], ad
     peft_model.add_adapter(adapter_name, config)
 
     def load():
+        # the method is bound before this load, so PEFT's own key mapping fills its state (lora_sparse_adapt_state)
         peft_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
-        _restore_state(peft_model, path, adapter_name)
         if is_trainable and hasattr(peft_model, "set_requires_grad"):
             peft_model.set_requires_grad(adapter_name)
 

@@ -211,6 +211,10 @@ def test_roselora_state_round_trips_and_trainer_resumes_through_peft(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in reloaded.items())
     assert all(int(v) == 3 for k, v in reloaded.items() if k.endswith("rose_step"))
     assert all(v.abs().sum() > 0 for k, v in reloaded.items() if "score" in k)
+    second = sap.get_peft_model(pruned_llama(), lora_config(), method="lors")
+    sap.load_adapter(second, checkpoint, "loaded")  # a second adapter gets the state too
+    loaded = {n.replace(".loaded", ""): b for n, b in second.named_buffers() if "rose_" in n}
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], v) for k, v in loaded.items())
 
     torch.manual_seed(1)  # other adapters: the resume must load the checkpoint's
     resumed = sap.get_peft_model(pruned_llama(), lora_config(), method="roselora", sparsity=0.5, t_init=1)
