@@ -112,7 +112,8 @@ def _edit(args) -> int:
                          f"after another, each merged before the next; add --together to train them as one adapter")
     config = EditConfig(method=args.method, steps=args.steps, extra_steps=args.extra_steps,
                         merge=args.merge and not args.save_adapter, group_size=None if args.together else 1,
-                        neighbor_rephrasings=args.hold_rephrasings, subject_update=args.subject_update)
+                        neighbor_rephrasings=args.hold_rephrasings, subject_update=args.subject_update,
+                        after=args.after)
     model, m = apply_edits(model.to(args.device), tokenizer, edits, config, locality)
     text = results_table([m]) + "\n\n" + "\n".join(
         f"- {e['prompt']!r} -> {e['target']!r}: token accuracy {e['token_accuracy']:.2f}; generates {e['generation']!r}"
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not write the merged model as a compressed-tensors 2:4 checkpoint (OUT/merged-2of4)")
     demo.set_defaults(run=_demo)
 
-    from .edit.editing import EDIT_METHODS, EditConfig
+    from .edit.editing import AFTER_CONTEXTS, EDIT_METHODS, EditConfig
 
     ed = sub.add_parser("edit", help="edit facts of SmolLM2-135M with RoseLoRA (or LoRA / FT-L) and measure them",
                         description="Apply the edits of a JSONL file and report edit success, "
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--subject-update", action="store_true",
                     help="train the update at the subject's last token in the prompt's copies behind generic "
                          "prefixes: the relation holds under other phrasings, at a cost in generalization")
+    ed.add_argument("--after", default=EditConfig.after, choices=AFTER_CONTEXTS,
+                    help="what the tokens after the new answer are held to: what the unedited model said after its "
+                         "own answer, or after the new one (default: %(default)s)")
     ed.add_argument("--merge", action="store_true", help="fold the adapter into the weights")
     ed.add_argument("--together", action="store_true",
                     help="train all edits as one batch into one adapter (default: one edit after another, each "

@@ -57,6 +57,7 @@ def test_edit_steps_default_to_the_config():
     assert cli.build_parser().parse_args(["edit", "--edits", "e.jsonl", "--extra-steps", "0"]).extra_steps == 0
     assert not args.hold_rephrasings and sa.edit.EditConfig.neighbor_rephrasings is False
     assert not args.subject_update and sa.edit.EditConfig.subject_update is False
+    assert args.after == sa.edit.EditConfig.after == "new_answer"
 
 
 def test_edit_switches_reach_the_config(tmp_path, monkeypatch):
@@ -67,9 +68,9 @@ def test_edit_switches_reach_the_config(tmp_path, monkeypatch):
     monkeypatch.setattr(sa.edit, "apply_edits", lambda m, t, e, config, loc: seen.append(config) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["edit", "--edits", str(edits), "--hold-rephrasings", "--subject-update", "--extra-steps", "3",
-                  "--together"])
-    assert (seen[0].neighbor_rephrasings, seen[0].subject_update, seen[0].extra_steps, seen[0].group_size) == \
-        (True, True, 3, None)
+                  "--together", "--after", "own_answer"])
+    assert (seen[0].neighbor_rephrasings, seen[0].subject_update, seen[0].extra_steps, seen[0].group_size,
+            seen[0].after) == (True, True, 3, None, "own_answer")
 
 
 def test_an_unusable_out_fails_before_the_run(tmp_path, monkeypatch):

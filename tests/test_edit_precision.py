@@ -123,6 +123,30 @@ def test_counterfactual_fluency_is_measured_on_the_new_target_and_the_unedited_c
     assert ["7 8 9 0", "9 9 9 9"] in seen  # not the unedited answers' "3 4 5 6", "5 6 7 8"
     assert m.fluency_counterfactual == pytest.approx(real_fluency(["7 8 9 0", "9 9 9 9"]))
     assert "unedited after the new answer" in sa.edit.results_table([m])
+    assert math.isnan(m.fluency_rephrased) and math.isnan(m.fluency_rephrased_before)  # no rephrasings
+
+
+def test_fluency_after_the_rephrasings_before_and_after_the_edit(monkeypatch):
+    """Measured on the unedited model and the edited one, after every rephrasing of every edit."""
+    edits = [sa.edit.Edit("1 2", "7", rephrasings=["3", "4 5"]), sa.edit.Edit("4", "9", rephrasings=["6"])]
+    step = []
+
+    class Stuck(CountingLM):  # once trained it repeats the last token
+        def generate(self, ids, max_new_tokens, **kw):
+            for _ in range(max_new_tokens):
+                ids = torch.cat([ids, (ids[:, -1:] + (0 if step else 1)) % 10], 1)
+            return ids
+
+    monkeypatch.setattr(editing, "_train", lambda *a, **k: step.append(1))
+    _, m = sa.edit.apply_edits(Stuck(), DigitTokenizerLM(), edits,
+                               sa.edit.EditConfig(method="ft-l", steps=1, ft_module="p", generation_tokens=4,
+                                                  preserve=0.0, neighbors=0, prefixes=0))
+    fluency = editing.metrics.fluency
+    assert m.fluency_rephrased_before == pytest.approx(fluency(["4 5 6 7", "6 7 8 9", "7 8 9 0"]))
+    assert m.fluency_rephrased == pytest.approx(fluency(["3 3 3 3", "5 5 5 5", "6 6 6 6"]))
+    assert m.fluency_rephrased < m.fluency_rephrased_before
+    assert sa.edit.mean_metrics([m, m]).fluency_rephrased == pytest.approx(m.fluency_rephrased)
+    assert "fluency after the rephrasings (before)" in sa.edit.results_table([m])
 
 
 class CountingLM(Counting):
@@ -401,3 +425,69 @@ def test_subject_representations_are_each_subjects_last_token_state(device):
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1]  # after block 0
         torch.testing.assert_close(rep, torch.nn.functional.normalize(hidden.float(), dim=-1).cpu(),
                                    rtol=1e-5, atol=1e-5)
+
+
+class PunctuationDigits(DigitTokenizerLM):
+    """Digits, with 5 decoding as ".": a model's own answer ends before a 5."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join("." if int(i) == 5 else str(int(i)) for i in ids)
+
+
+def test_own_answer_ends_before_the_first_punctuation():
+    tok = PunctuationDigits()
+    assert editing.own_answer_end(tok, [3, 4, 5, 6]) == 2
+    assert editing.own_answer_end(tok, [5, 6, 7]) is None  # no answer before the punctuation
+    assert editing.own_answer_end(tok, [1] * 8 + [5]) == 8 == editing._MAX_OWN_ANSWER
+    assert editing.own_answer_end(tok, [1] * 9 + [5]) is None  # no end within the first _MAX_OWN_ANSWER + 1
+    assert editing.own_answer_end(tok, [1, 2]) is None
+
+
+def test_what_followed_the_own_answer_is_held_up_to_where_it_says_the_answer_again():
+    tok = PunctuationDigits()
+    assert editing._before_recurrence(tok, [5, 6, 3, 4, 7], "3 4") == [5, 6]
+    assert editing._before_recurrence(tok, [5, 6, 3, 7, 4], "3 4") == [5, 6, 3, 7, 4]
+    assert editing._before_recurrence(tok, [3, 4, 7], "3 4") == []
+
+
+@pytest.mark.parametrize("after", ["own_answer", "new_answer"])
+def test_after_the_new_answer_the_model_is_held_to_what_followed_its_own(after):
+    """CountingLM continues "1 2" with "3 4 . 6 ...": its own answer "3 4", then ". 6". With after="own_answer"
+    the term's sequence is the prompt, the new target and ". 6", held to the model's distributions after
+    "1 2 3 4" at those tokens; an edit whose own continuation starts with punctuation ("4" -> ". 6") falls back to
+    what follows the new target, there, as with after="new_answer"."""
+    edits = [sa.edit.Edit("1 2", "7"), sa.edit.Edit("3", "8 8"), sa.edit.Edit("4", "1")]
+    config = sa.edit.EditConfig(method="ft-l", preserve_after=2, after=after)
+    pairs, reference = editing._after_answer(CountingLM(), PunctuationDigits(), edits, [[7], [8, 8], [1]], config)
+    fallback = [([4, 1, 2, 3], [1, 2])]
+    if after == "own_answer":
+        assert pairs == [([1, 2, 7, 5, 6], [2, 3]), ([3, 8, 8, 5, 6], [2, 3])] + fallback
+        assert reference == [([1, 2, 3, 4, 5, 6], [3, 4]), ([3, 4, 5, 6], [1, 2])] + fallback
+    else:
+        assert pairs == reference == [([1, 2, 7, 8, 9], [2, 3]), ([3, 8, 8, 9, 0], [2, 3])] + fallback
+    with pytest.raises(ValueError, match="after must be one of"):
+        sa.edit.EditConfig(after="counterfactual")
+
+
+def test_kl_term_held_to_reference_distributions(device):
+    """With a reference, the term's unedited distributions are the model's at the reference's positions (there
+    as many per sequence), and the term compares the model at its own positions with them."""
+    from toy_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama().to(device)
+    seqs, cols = [[1, 2, 7, 5, 6], [3, 8, 5]], [[2, 3], [1]]
+    ref_seqs, ref_cols = [[1, 2, 3, 4, 5, 6], [3, 4, 5]], [[3, 4], [1]]
+    term = editing._KL(model, seqs, cols, 0, device, reference=(ref_seqs, ref_cols))
+
+    def log_probs(sequences, positions):
+        with torch.no_grad():
+            return torch.cat([torch.log_softmax(model(torch.tensor([s], device=device)).logits[0, c].float(), -1)
+                              for s, c in zip(sequences, positions)])
+
+    torch.testing.assert_close(term.base, log_probs(ref_seqs, ref_cols), rtol=1e-5, atol=1e-5)
+    p, q = log_probs(ref_seqs, ref_cols), log_probs(seqs, cols)
+    torch.testing.assert_close(term(model), (p.exp() * (p - q)).sum(-1).mean(), rtol=1e-4, atol=1e-6)
+    assert float(term(model)) > 0  # the model after "7" is not yet what it was after "3 4"
+    with pytest.raises(ValueError, match="as many positions"):
+        editing._KL(model, seqs, cols, 0, device, reference=(ref_seqs, [[3], [1]]))

@@ -38,6 +38,7 @@ ABLATION = [
     ("+ KL on the unedited model's 16 tokens after the new answer", dict(group_size=None)),
     ("+ a batch applied one edit after another, each holding the earlier edits and every edit's neighbours "
      "(the default)", dict()),
+    ("default, the 16 tokens held to what followed the model's own answer", dict(after="own_answer")),
     ("default, decoder layers 2-12 only", dict(layers=(2, 12))),
 ]
 
@@ -105,8 +106,9 @@ def main():
 
     if args.ablation:
         lines = ["| recipe | edits | edit success | generalization | neighbourhood (strict) | neighbourhood, rephrased "
-                 f"| locality (agreement) | {edit.EditMetrics.FLUENCY_HEADER} | weights changed |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 f"| locality (agreement) | {edit.EditMetrics.FLUENCY_HEADER} | fluency after the rephrasings (before) "
+                 "| weights changed |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         default = edit.EditConfig()
         for name, overrides in ABLATION:
             config = replace(default, **overrides)
@@ -115,7 +117,7 @@ def main():
                 if m is not None:
                     lines.append(f"| {name} | {m.edits} | {m.edit_success:.3f} | {m.generalization:.3f} | "
                                  f"{m.neighborhood:.3f} | {m.neighborhood_rephrased:.3f} | {m.locality:.3f} | "
-                                 f"{m.fluency_cell()} | {m.weights_changed:,} |")
+                                 f"{m.fluency_cell()} | {m.fluency_rephrased_cell()} | {m.weights_changed:,} |")
             print("\n".join(lines[-2:]), flush=True)
         text = (f"# Knowledge editing recipe: ablation (RoseLoRA, capitals, SmolLM2-135M)\n\nEach row adds one lever "
                 f"to the one above; single edits average {args.singles} edits on fresh copies, the batch row edits "
@@ -140,6 +142,7 @@ def main():
         for r in rows])
     c = edit.EditConfig()
     layers = "every decoder layer" if c.layers is None else f"decoder layers {c.layers[0]}-{c.layers[1]}"
+    after = "after its own answer" if c.after == "own_answer" else "there"
     text = f"""# Knowledge editing: SmolLM2-135M-Instruct, counterfactual countryinfo facts
 
 Known facts (whole answer = greedy continuation): {", ".join(f"{k} {len(v)}" for k, v in known.items())}.
@@ -152,10 +155,10 @@ editor, which sees only the edit request and generic text. Default `EditConfig`:
 {c.similar_neighbors:.0%} of them those the model represents most like the edit's subject, never one the edit is
 measured on; in a batch each edit also holds {c.neighbors} of the other edits', drawn per step; all against the
 unedited model), {c.prefixes}
-generic-text prefixes, early stop {c.early_stop}, KL also on the unedited model's {c.preserve_after} tokens
-after the new answer, a batch made in groups of {c.group_size} edit(s), each holding the earlier; RoseLoRA
-{c.sparsity:.0%} sparse rows of A / columns of B at the
-end; FT-L: {c.ft_module}, each weight within ±{c.ft_max_change}. Rows "1" average {args.singles} single edits,
+generic-text prefixes, early stop {c.early_stop}, KL also on the {c.preserve_after} tokens after the new answer
+(held to the unedited model's {after}), a batch made in groups of {c.group_size} edit(s), each holding the
+earlier; RoseLoRA {c.sparsity:.0%} sparse rows of A / columns of B at the end; FT-L: {c.ft_module}, each weight
+within ±{c.ft_max_change}. Rows "1" average {args.singles} single edits,
 each on a fresh copy of the model. {describe_machine('cpu')}, {args.threads} threads, torch {torch.__version__};
 {time.perf_counter() - t0:.0f} s in all.
 

@@ -190,6 +190,11 @@ def _zip_pairs(prompts, answers, what: str) -> List[Tuple[str, str]]:
     return [(p, a[0] if isinstance(a, list) and a else a) for p, a in zip(prompts, answers)]
 
 
+AFTER_CONTEXTS = ("own_answer", "new_answer")
+_MAX_OWN_ANSWER = 8  # tokens
+_ANSWER_END = re.compile(r"[.,;:!?\n]")
+
+
 @dataclass
 class EditConfig:
     method: str = "roselora"
@@ -216,7 +221,15 @@ class EditConfig:
     # each neighbour subject also in each of the request's rephrasings (Edit.rephrasing_templates), not only in
     # its prompt's template: the relation held in the other words the request gives
     neighbor_rephrasings: bool = False
-    preserve_after: int = 16  # KL also on the unedited model's next tokens after prompt + new target (0: off)
+    preserve_after: int = 16  # KL also on the unedited model's next tokens after the answer (0: off)
+    # what those tokens follow: "new_answer" -- the prompt and the new target, i.e. the edited model goes on as the
+    # unedited one does after the counterfactual statement; "own_answer" -- the prompt and the model's own answer
+    # (its greedy continuation up to the first punctuation or line break; held up to where it names that answer
+    # again), i.e. as it did after its old answer: more fluent after a counterfactual that the unedited model
+    # would go on repeating, but the edit then also changes what follows the relation's other answers (locality
+    # and strict locality fall on the language relation; the ablation file). An edit whose own answer has no end
+    # within ``_MAX_OWN_ANSWER`` tokens, or is named again at once, uses "new_answer".
+    after: str = "new_answer"
     prefixes: int = 4  # training copies of each prompt behind a short prefix of generic text
     early_stop: bool = True  # stop once every target token has probability >= stop_probability in every row
     stop_probability: float = 0.9
@@ -237,6 +250,8 @@ class EditConfig:
             raise ValueError(f"method must be one of {EDIT_METHODS}, got {self.method!r}")
         if self.steps < 1 or not self.lr > 0:
             raise ValueError("steps must be >= 1 and lr > 0")
+        if self.after not in AFTER_CONTEXTS:
+            raise ValueError(f"after must be one of {AFTER_CONTEXTS}, got {self.after!r}")
         if min(self.preserve, self.neighbors, self.prefixes, self.preserve_after, self.extra_steps) < 0:
             raise ValueError("preserve, neighbors, prefixes, preserve_after and extra_steps must be >= 0")
         if self.group_size is not None and self.group_size < 1:
@@ -286,6 +301,10 @@ class EditMetrics:
     # the same neighbours asked in each edit's rephrasings (Edit.rephrased_neighbors), over those the unedited
     # model answered right: an edit may leave the relation alone in its own words and still spread along others
     neighborhood_rephrased: float = math.nan
+    # fluency after the edits' rephrasings, which no part of the recipe trains on (the prompt's own continuation
+    # is held by the preserve_after term), and the unedited model's there (NaN: no rephrasings)
+    fluency_rephrased: float = math.nan
+    fluency_rephrased_before: float = math.nan
 
     FLUENCY_HEADER = "fluency (before; unedited after the new answer)"
 
@@ -297,6 +316,9 @@ class EditMetrics:
     def fluency_cell(self) -> str:
         """The fluency as the tables show it: after the edit (before it; the counterfactual reference)."""
         return f"{self.fluency:.2f} ({self.fluency_before:.2f}; {self.fluency_counterfactual:.2f})"
+
+    def fluency_rephrased_cell(self) -> str:
+        return f"{self.fluency_rephrased:.2f} ({self.fluency_rephrased_before:.2f})"
 
 
 def _validate(edits: Sequence[Edit], tokenizer) -> List[List[int]]:
@@ -476,16 +498,29 @@ def _neighbours_per_edit(model, tokenizer, edits, config, unseen=(), per_edit=No
 
 class _KL:
     """KL(unedited || edited) of the next-token distributions at chosen positions of fixed token sequences, averaged
-    over the positions. The unedited distributions are computed once, at construction."""
+    over the positions. The unedited distributions are computed once, at construction: at the same positions of the
+    same sequences, or with ``reference=(sequences, positions)`` at as many positions of other sequences (the
+    distributions the edited model is held to there)."""
 
-    def __init__(self, model, sequences, positions, pad_id: int, device):
+    def __init__(self, model, sequences, positions, pad_id: int, device, reference=None):
+        self._place(sequences, positions, pad_id, device)
+        source = self
+        if reference is not None:
+            if [len(c) for c in reference[1]] != [len(c) for c in positions]:
+                raise ValueError("reference must have as many positions per sequence as the term")
+            source = object.__new__(type(self))
+            source._place(*reference, pad_id, device)
+        n = len(source.batch["input_ids"])
+        with torch.no_grad():  # in chunks: the logits of hundreds of prompts at once would take gigabytes
+            self.base = torch.cat([source.subset(range(i, min(i + 64, n))).log_probs(model)
+                                   for i in range(0, n, 64)])
+
+    def _place(self, sequences, positions, pad_id: int, device):
         ids, mask = metrics.pad_batch(sequences, pad_id)
         self.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         self.rows = torch.tensor([i for i, cols in enumerate(positions) for _ in cols], device=device)
         self.cols = torch.tensor([c for cols in positions for c in cols], device=device)
-        self.base, n = None, len(sequences)
-        with torch.no_grad():  # in chunks: the logits of hundreds of prompts at once would take gigabytes
-            self.base = torch.cat([self.subset(range(i, min(i + 64, n))).log_probs(model) for i in range(0, n, 64)])
+        self.base = None
 
     def log_probs(self, model):
         logits = model(**self.batch, use_cache=False).logits
@@ -558,13 +593,61 @@ def _joined(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> Tuple[List[
     return [*prompt_ids, *answer_ids], list(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer_ids)))
 
 
+def own_answer_end(tokenizer, continuation: Sequence[int]) -> Optional[int]:
+    """How many tokens of a model's own continuation of a prompt are its answer: those before the first token that
+    holds punctuation or a line break (None: the first token does, or none of the first ``_MAX_OWN_ANSWER + 1``)."""
+    for k, token in enumerate(continuation[:_MAX_OWN_ANSWER + 1]):
+        if _ANSWER_END.search(tokenizer.decode([token])):
+            return k or None
+    return None
+
+
+def _before_recurrence(tokenizer, tokens: Sequence[int], answer: str) -> List[int]:
+    """The tokens before the first recurrence of ``answer`` in their text: what follows the model's own answer is
+    held only up to where it says that answer again (after the new one, the model should not be taught to)."""
+    for end in range(len(tokens)):
+        if answer in tokenizer.decode(tokens[:end + 1]):
+            start = max(s for s in range(end + 1) if answer in tokenizer.decode(tokens[s:end + 1]))
+            return list(tokens[:start])
+    return list(tokens)
+
+
+def _after_answer(model, tokenizer, edits, target_ids, config):
+    """The ``preserve_after`` term's (sequence, positions) pairs -- each prompt, its new target and the tokens held
+    after it -- and the reference pairs the model's distributions are taken from, one per pair. With
+    ``config.after="own_answer"`` the tokens are the model's own continuation after its own answer (from its
+    greedy continuation of the prompt; :func:`own_answer_end`), up to where it repeats that answer, and the
+    reference is the prompt with that answer; otherwise, or where the model's answer has no end or is repeated at
+    once, they are its continuation after the new target, there."""
+    n = config.preserve_after
+    prompts = [metrics.encode(tokenizer, e.prompt, True) for e in edits]
+    own = metrics.continue_ids(model, tokenizer, prompts, _MAX_OWN_ANSWER + n) if config.after == "own_answer" \
+        else [[] for _ in prompts]
+    pairs, reference, counterfactual = [], [], []
+    for i, (prompt, target, continuation) in enumerate(zip(prompts, target_ids, own)):
+        k = own_answer_end(tokenizer, continuation)
+        after = [] if k is None else \
+            _before_recurrence(tokenizer, continuation[k:k + n], tokenizer.decode(continuation[:k]).strip())
+        if not after:
+            counterfactual.append(i)
+            continue
+        pairs.append(_joined(prompt + list(target), after))
+        reference.append(_joined(prompt + continuation[:k], after))
+    stems = [prompts[i] + list(target_ids[i]) for i in counterfactual]
+    for stem, after in zip(stems, metrics.continue_ids(model, tokenizer, stems, n)):
+        if after:
+            pairs.append(_joined(stem, after))
+            reference.append(pairs[-1])
+    return pairs, reference
+
+
 class _Preservation:
     """What the edit must leave alone, as KL terms (weight ``config.preserve``): the ``held`` terms (the neighbour
-    prompts, :class:`_Neighbours`, against the unedited model); -- so that the edited model goes on after its new
-    answer as it would have, instead of repeating it -- the model's own ``preserve_after`` next tokens after each
-    prompt followed by its new target; and, when edits are applied in groups (``config.group_size``), the
-    distributions of the ``earlier`` groups' (edit, target ids) at their targets, so that a later edit does not
-    undo an earlier one (these two against the model before this group)."""
+    prompts, :class:`_Neighbours`, against the unedited model); the ``preserve_after`` tokens after each prompt's
+    answer (:func:`_after_answer`: after its new target the edited model goes on as the model does after that
+    target, or, with ``config.after="own_answer"``, as it did after its own answer); and, when edits are applied
+    in groups (``config.group_size``), the distributions of the ``earlier`` groups' (edit, target ids) at their
+    targets, so that a later edit does not undo an earlier one (these two against the model before this group)."""
 
     def __init__(self, model, tokenizer, edits, target_ids, config, device, held: Sequence = (),
                  earlier: Sequence[Tuple[Edit, List[int]]] = ()):
@@ -574,11 +657,10 @@ class _Preservation:
         self.terms.extend(held)
         pad = tokenizer.pad_token_id or 0
         if config.preserve_after:
-            stems = [metrics.encode(tokenizer, e.prompt, True) + t for e, t in zip(edits, target_ids)]
-            after = metrics.continue_ids(model, tokenizer, stems, config.preserve_after)
-            pairs = [_joined(s, a) for s, a in zip(stems, after) if a]
+            pairs, reference = _after_answer(model, tokenizer, edits, target_ids, config)
             if pairs:
-                self.terms.append(_KL(model, *map(list, zip(*pairs)), pad, device))
+                held = {} if reference == pairs else {"reference": list(map(list, zip(*reference)))}
+                self.terms.append(_KL(model, *map(list, zip(*pairs)), pad, device, **held))
         if earlier:
             pairs = [_joined(metrics.encode(tokenizer, e.prompt, True), t) for e, t in earlier]
             self.terms.append(_KL(model, *map(list, zip(*pairs)), pad, device))
@@ -711,6 +793,13 @@ def _texts(tokenizer, token_lists) -> List[str]:
     return [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
 
 
+def _fluency_after(model, tokenizer, prompts: Sequence[str], tokens: int) -> float:
+    """Fluency of the model's greedy `tokens` after each prompt (NaN without prompts)."""
+    if not prompts:
+        return math.nan
+    return metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(model, tokenizer, prompts, tokens)))
+
+
 def _counterfactual_fluency(model, tokenizer, edits, target_ids, tokens: int) -> float:
     """Fluency of the model's own `tokens` after each prompt when they begin with the edit's new target (the rest
     its greedy continuation): the text an edited model that changed nothing else would produce."""
@@ -738,9 +827,10 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     model.eval()
     before_locality = metrics.greedy_continuations(model, tokenizer, locality_prompts, config.locality_tokens)
     gen_prompts = [e.prompt for e in edits]
-    fluency_before = metrics.fluency(_texts(tokenizer, metrics.greedy_continuations(
-        model, tokenizer, gen_prompts, config.generation_tokens)))
+    fluency_before = _fluency_after(model, tokenizer, gen_prompts, config.generation_tokens)
     fluency_counterfactual = _counterfactual_fluency(model, tokenizer, edits, target_ids, config.generation_tokens)
+    reph_prompts = [r for e in edits for r in e.rephrasings]
+    fluency_rephrased_before = _fluency_after(model, tokenizer, reph_prompts, config.generation_tokens)
     # the neighbours in the edits' rephrasings, as far as the unedited model answers them right
     rephrased = _answer_pairs(tokenizer, [x for e in edits for x in e.rephrased_neighbors()])
     rephrased = [pair for pair, m in zip(rephrased, _pair_matches(model, tokenizer, rephrased)) if all(m)]
@@ -791,13 +881,15 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
                                                                  config.generation_tokens))
     per_edit = [{"prompt": e.prompt, "target": e.target, "token_accuracy": sum(m) / len(m), "generation": g}
                 for e, m, g in zip(edits, edit_m, generations)]
+    fluency_rephrased = _fluency_after(model, tokenizer, reph_prompts, config.generation_tokens)
     result = EditMetrics(
         method=config.method, edits=len(edits), edit_success=metrics.accuracy(edit_m), edit_exact=metrics.exact(edit_m),
         generalization=metrics.accuracy(reph_m), locality=metrics.accuracy(loc_m),
         neighborhood=metrics.exact(neighbor_m), neighborhood_rephrased=metrics.exact(rephrased_m),
         portability=metrics.accuracy(port_m),
         fluency=metrics.fluency(generations), fluency_before=fluency_before,
-        fluency_counterfactual=fluency_counterfactual, weights_changed=changed, seconds=seconds, per_edit=per_edit)
+        fluency_counterfactual=fluency_counterfactual, weights_changed=changed, seconds=seconds, per_edit=per_edit,
+        fluency_rephrased=fluency_rephrased, fluency_rephrased_before=fluency_rephrased_before)
     return model, result
 
 
@@ -811,7 +903,8 @@ def mean_metrics(results: Sequence[EditMetrics]) -> EditMetrics:
         method=results[0].method, edits=results[0].edits,
         **{k: avg(k) for k in ("edit_success", "edit_exact", "generalization", "locality", "portability", "fluency",
                                "fluency_before", "fluency_counterfactual", "neighborhood",
-                               "neighborhood_rephrased", "seconds")},
+                               "neighborhood_rephrased", "fluency_rephrased", "fluency_rephrased_before",
+                               "seconds")},
         weights_changed=round(statistics.mean(r.weights_changed for r in results)),
         per_edit=[p for r in results for p in r.per_edit])
 
@@ -819,10 +912,11 @@ def mean_metrics(results: Sequence[EditMetrics]) -> EditMetrics:
 def results_table(rows: Sequence[EditMetrics]) -> str:
     lines = ["| method | edits per run | edit success | exact | generalization | neighbourhood (strict) | "
              f"neighbourhood, rephrased | locality (agreement) | portability | {EditMetrics.FLUENCY_HEADER} | "
-             "weights changed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "fluency after the rephrasings (before) | weights changed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.edits} | {r.edit_success:.3f} | {r.edit_exact:.3f} | {r.generalization:.3f} | "
                      f"{r.neighborhood:.3f} | {r.neighborhood_rephrased:.3f} | {r.locality:.3f} | "
-                     f"{r.portability:.3f} | {r.fluency_cell()} | {r.weights_changed:,} |")
+                     f"{r.portability:.3f} | {r.fluency_cell()} | {r.fluency_rephrased_cell()} | "
+                     f"{r.weights_changed:,} |")
     return "\n".join(lines)
