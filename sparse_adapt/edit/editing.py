@@ -593,7 +593,7 @@ def _joined(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> Tuple[List[
     return [*prompt_ids, *answer_ids], list(range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer_ids)))
 
 
-def own_answer_end(tokenizer, continuation: Sequence[int]) -> Optional[int]:
+def _own_answer_end(tokenizer, continuation: Sequence[int]) -> Optional[int]:
     """How many tokens of a model's own continuation of a prompt are its answer: those before the first token that
     holds punctuation or a line break (None: the first token does, or none of the first ``_MAX_OWN_ANSWER + 1``)."""
     for k, token in enumerate(continuation[:_MAX_OWN_ANSWER + 1]):
@@ -614,31 +614,31 @@ def _before_recurrence(tokenizer, tokens: Sequence[int], answer: str) -> List[in
 
 def _after_answer(model, tokenizer, edits, target_ids, config):
     """The ``preserve_after`` term's (sequence, positions) pairs -- each prompt, its new target and the tokens held
-    after it -- and the reference pairs the model's distributions are taken from, one per pair. With
-    ``config.after="own_answer"`` the tokens are the model's own continuation after its own answer (from its
-    greedy continuation of the prompt; :func:`own_answer_end`), up to where it repeats that answer, and the
-    reference is the prompt with that answer; otherwise, or where the model's answer has no end or is repeated at
-    once, they are its continuation after the new target, there."""
+    after it -- and the reference pairs the model's distributions are taken from, one per pair (None: the pairs
+    themselves). With ``config.after="own_answer"`` the tokens are the model's own continuation after its own
+    answer (from its greedy continuation of the prompt; :func:`_own_answer_end`), up to where it repeats that
+    answer, and the reference is the prompt with that answer; otherwise, or where the model's answer has no end or
+    is repeated at once, they are its continuation after the new target, there."""
     n = config.preserve_after
     prompts = [metrics.encode(tokenizer, e.prompt, True) for e in edits]
-    own = metrics.continue_ids(model, tokenizer, prompts, _MAX_OWN_ANSWER + n) if config.after == "own_answer" \
-        else [[] for _ in prompts]
-    pairs, reference, counterfactual = [], [], []
-    for i, (prompt, target, continuation) in enumerate(zip(prompts, target_ids, own)):
-        k = own_answer_end(tokenizer, continuation)
-        after = [] if k is None else \
-            _before_recurrence(tokenizer, continuation[k:k + n], tokenizer.decode(continuation[:k]).strip())
-        if not after:
-            counterfactual.append(i)
-            continue
-        pairs.append(_joined(prompt + list(target), after))
-        reference.append(_joined(prompt + continuation[:k], after))
+    pairs, reference, counterfactual = [], [], list(range(len(prompts)))
+    if config.after == "own_answer":
+        counterfactual = []
+        own = metrics.continue_ids(model, tokenizer, prompts, _MAX_OWN_ANSWER + n)
+        for i, (prompt, target, continuation) in enumerate(zip(prompts, target_ids, own)):
+            k = _own_answer_end(tokenizer, continuation)
+            after = [] if k is None else \
+                _before_recurrence(tokenizer, continuation[k:k + n], tokenizer.decode(continuation[:k]).strip())
+            if not after:
+                counterfactual.append(i)
+                continue
+            pairs.append(_joined(prompt + list(target), after))
+            reference.append(_joined(prompt + continuation[:k], after))
     stems = [prompts[i] + list(target_ids[i]) for i in counterfactual]
     for stem, after in zip(stems, metrics.continue_ids(model, tokenizer, stems, n)):
         if after:
             pairs.append(_joined(stem, after))
-            reference.append(pairs[-1])
-    return pairs, reference
+    return pairs, (reference + pairs[len(reference):] if reference else None)
 
 
 class _Preservation:
@@ -659,7 +659,7 @@ class _Preservation:
         if config.preserve_after:
             pairs, reference = _after_answer(model, tokenizer, edits, target_ids, config)
             if pairs:
-                held = {} if reference == pairs else {"reference": list(map(list, zip(*reference)))}
+                held = {} if reference is None else {"reference": list(map(list, zip(*reference)))}
                 self.terms.append(_KL(model, *map(list, zip(*pairs)), pad, device, **held))
         if earlier:
             pairs = [_joined(metrics.encode(tokenizer, e.prompt, True), t) for e, t in earlier]
@@ -829,7 +829,8 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     gen_prompts = [e.prompt for e in edits]
     fluency_before = _fluency_after(model, tokenizer, gen_prompts, config.generation_tokens)
     fluency_counterfactual = _counterfactual_fluency(model, tokenizer, edits, target_ids, config.generation_tokens)
-    reph_prompts = [r for e in edits for r in e.rephrasings]
+    reph = [(r, t) for e, t in zip(edits, target_ids) for r in e.rephrasings]
+    reph_prompts = [r for r, _ in reph]
     fluency_rephrased_before = _fluency_after(model, tokenizer, reph_prompts, config.generation_tokens)
     # the neighbours in the edits' rephrasings, as far as the unedited model answers them right
     rephrased = _answer_pairs(tokenizer, [x for e in edits for x in e.rephrased_neighbors()])
@@ -871,7 +872,6 @@ def apply_edits(model: nn.Module, tokenizer, edits: Sequence[Edit], config: Opti
     seconds = time.perf_counter() - t0
 
     edit_m = metrics.token_matches(model, tokenizer, gen_prompts, target_ids)
-    reph = [(r, t) for e, t in zip(edits, target_ids) for r in e.rephrasings]
     reph_m = _pair_matches(model, tokenizer, reph)
     port_m = _pair_matches(model, tokenizer, _answer_pairs(tokenizer, [x for e in edits for x in e.portability]))
     loc_m = metrics.token_matches(model, tokenizer, locality_prompts, before_locality)
