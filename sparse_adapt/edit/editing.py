@@ -621,7 +621,7 @@ def _after_answer(model, tokenizer, edits, target_ids, config):
     is repeated at once, they are its continuation after the new target, there."""
     n = config.preserve_after
     prompts = [metrics.encode(tokenizer, e.prompt, True) for e in edits]
-    pairs, reference, counterfactual = [], [], list(range(len(prompts)))
+    pairs, reference = [], []
     if config.after == "own_answer":
         counterfactual = []
         own = metrics.continue_ids(model, tokenizer, prompts, _MAX_OWN_ANSWER + n)
@@ -634,6 +634,8 @@ def _after_answer(model, tokenizer, edits, target_ids, config):
                 continue
             pairs.append(_joined(prompt + list(target), after))
             reference.append(_joined(prompt + continuation[:k], after))
+    else:
+        counterfactual = list(range(len(prompts)))
     stems = [prompts[i] + list(target_ids[i]) for i in counterfactual]
     for stem, after in zip(stems, metrics.continue_ids(model, tokenizer, stems, n)):
         if after:
